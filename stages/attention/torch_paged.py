@@ -1,0 +1,79 @@
+"""Reference paged attention in plain torch (cpu / cuda / npu).
+
+Decodes are gathered into one padded batch and attended in a single SDPA
+call; prefill chunks are attended one sequence at a time (their lengths
+differ a lot, and padding them would waste more than the loop costs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stages.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def _slots(block_table: list[int], n: int, block_size: int, device) -> torch.Tensor:
+    table = torch.tensor(block_table, dtype=torch.long, device=device)
+    pos = torch.arange(n, device=device)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+class TorchPagedAttention(AttentionBackend):
+    def write_kv(self, k_cache, v_cache, k, v, meta):
+        slots = meta.slot_mapping
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+    def _prepare(self, meta: AttentionMetadata, device) -> dict:
+        """Gather indices and masks, computed once per step for all layers."""
+        if meta.cache is not None:
+            return meta.cache
+        cache: dict = {}
+        nd = meta.num_decodes
+        if nd:
+            lens = meta.context_lens[:nd]
+            max_len = max(lens)
+            idx = torch.zeros(nd, max_len, dtype=torch.long, device=device)
+            for i in range(nd):
+                idx[i, : lens[i]] = _slots(meta.block_tables[i], lens[i], meta.block_size, device)
+            lens_t = torch.tensor(lens, device=device)
+            # True = attend; padded keys are masked out.
+            mask = torch.arange(max_len, device=device)[None, :] < lens_t[:, None]
+            cache["decode"] = (idx, mask[:, None, None, :])
+        prefills = []
+        for i in range(nd, len(meta.query_lens)):
+            q_len, ctx = meta.query_lens[i], meta.context_lens[i]
+            slots = _slots(meta.block_tables[i], ctx, meta.block_size, device)
+            mask = None
+            if ctx != q_len:  # a chunk after cached/computed context: causal with an offset
+                q_pos = torch.arange(ctx - q_len, ctx, device=device)
+                mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+            prefills.append((meta.query_start[i], q_len, slots, mask))
+        cache["prefill"] = prefills
+        meta.cache = cache
+        return cache
+
+    def attend(self, q, k_cache, v_cache, meta, scale):
+        prep = self._prepare(meta, q.device)
+        out = torch.empty_like(q)
+        flat_k = k_cache.view(-1, *k_cache.shape[2:])
+        flat_v = v_cache.view(-1, *v_cache.shape[2:])
+        gqa = q.shape[1] != k_cache.shape[2]
+        nd = meta.num_decodes
+        if nd:
+            idx, mask = prep["decode"]
+            k = flat_k[idx].transpose(1, 2)  # [nd, kv_heads, max_len, d]
+            v = flat_v[idx].transpose(1, 2)
+            qd = q[:nd].unsqueeze(2)  # [nd, heads, 1, d]
+            o = F.scaled_dot_product_attention(qd, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                               scale=scale, enable_gqa=gqa)
+            out[:nd] = o.squeeze(2)
+        for start, q_len, slots, mask in prep["prefill"]:
+            qs = q[start:start + q_len].transpose(0, 1)  # [heads, q_len, d]
+            k = flat_k[slots].transpose(0, 1).to(q.dtype)
+            v = flat_v[slots].transpose(0, 1).to(q.dtype)
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None,
+                                               scale=scale, enable_gqa=gqa)
+            out[start:start + q_len] = o.transpose(0, 1)
+        return out

@@ -1,0 +1,137 @@
+"""Holds the model and the KV cache; turns a scheduled batch into tensors and logits.
+
+Bookkeeping (which blocks, which tokens) belongs to the scheduler; the
+runner only obeys it: it lays the batch out flat (decodes first), writes
+image embeddings over their placeholder rows, runs the model and returns
+the logits of the rows that sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stages.attention.backend import AttentionMetadata
+from stages.engine.config import EngineConfig
+from stages.engine.scheduler import ScheduledSeq
+from stages.engine.sequence import ImageItem, Sequence
+from stages.models.loader import build_model
+from transfer.content_cache import ContentCache
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.model = build_model(config.model, device, dtype, config.load_format, hf_config)
+        self.block_size = config.block_size
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb)
+        m = self.model
+        shape = (self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(m.num_layers)]
+        self.encoder_cache = ContentCache(config.encoder_cache_mb << 20)
+        self.num_images_encoded = 0
+
+    def _blocks_for_budget(self, gb: float) -> int:
+        m = self.model
+        per_block = 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        return max(2, int(gb * (1 << 30)) // per_block)
+
+    # ---- images -----------------------------------------------------------------------------
+    def image_embedding(self, img: ImageItem) -> torch.Tensor:
+        if img.embedding is not None:
+            return img.embedding
+        emb = self.encoder_cache.get(img.content_hash)
+        if emb is None:
+            emb = self.encode([img])[0]
+        return emb
+
+    @torch.inference_mode()
+    def encode(self, images: list[ImageItem]) -> list[torch.Tensor]:
+        """Run the vision encoder on ``images`` and cache the results by content hash."""
+        embs = self.model.encode_images([img.inputs for img in images])
+        for img, emb in zip(images, embs):
+            if emb.shape[0] != img.length:
+                raise RuntimeError(f"image {img.content_hash[:12]} encoded to {emb.shape[0]} tokens, "
+                                   f"the prompt holds {img.length} placeholders")
+            self.encoder_cache.put(img.content_hash, emb)
+        self.num_images_encoded += len(images)
+        return embs
+
+    def _ensure_encoded(self, batch: list[ScheduledSeq]) -> None:
+        """Encode, in one call, every image a prefill chunk of this step needs and lacks."""
+        todo: dict[str, ImageItem] = {}
+        for s in batch:
+            start, end = s.seq.num_computed_tokens, s.seq.num_computed_tokens + s.num_new_tokens
+            for img in s.seq.images:
+                if (img.embedding is None and img.offset < end and start < img.offset + img.length
+                        and img.content_hash not in self.encoder_cache):
+                    todo.setdefault(img.content_hash, img)
+        if todo:
+            self.encode(list(todo.values()))
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        if seq.mrope_positions is None:
+            return torch.arange(start, end)
+        n = seq.num_prompt_tokens
+        parts = []
+        if start < n:
+            parts.append(seq.mrope_positions[:, start:min(end, n)])
+        if end > n:
+            tail = torch.arange(max(start, n), end) + seq.mrope_delta
+            parts.append(tail.expand(3, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step; returns float32 logits [n_sampling, vocab] and their sequences."""
+        batch = sorted(batch, key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
+        bs = self.block_size
+        ids, slots, positions = [], [], []
+        q_start, q_lens, ctx_lens, tables, sample_rows, sample_seqs = [], [], [], [], [], []
+        offset = 0
+        for s in batch:
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids(start, start + n))
+            table = seq.block_table
+            slots.extend(table[i // bs] * bs + i % bs for i in range(start, start + n))
+            positions.append(self._positions(seq, start, start + n))
+            q_start.append(offset)
+            q_lens.append(n)
+            ctx_lens.append(start + n)
+            tables.append(table)
+            offset += n
+            if s.samples:
+                sample_rows.append(offset - 1)
+                sample_seqs.append(seq)
+        dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos = torch.cat(positions, dim=-1).to(dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), query_start=q_start,
+            query_lens=q_lens, context_lens=ctx_lens, block_tables=tables,
+            num_decodes=sum(1 for n in q_lens if n == 1), block_size=bs)
+        embeds = None
+        if self.model.is_multimodal and any(s.seq.images for s in batch):
+            embeds = self._embed_with_images(batch, input_ids, q_start)
+        hidden = self.model(pos, meta, self.kv_caches, input_ids=input_ids, inputs_embeds=embeds)
+        if not sample_rows:
+            return torch.empty(0), []
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        return logits.float(), sample_seqs
+
+    def _embed_with_images(self, batch, input_ids, q_start) -> torch.Tensor:
+        self._ensure_encoded(batch)
+        embeds = self.model.embed_tokens(input_ids)
+        for s, row0 in zip(batch, q_start):
+            start = s.seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            for img in s.seq.images:
+                lo, hi = max(start, img.offset), min(end, img.offset + img.length)
+                if lo >= hi:
+                    continue
+                emb = self.image_embedding(img)
+                embeds[row0 + lo - start: row0 + hi - start] = \
+                    emb[lo - img.offset: hi - img.offset].to(embeds.dtype)
+        return embeds

@@ -1,0 +1,104 @@
+"""Building blocks shared by the decoder models: norms, rotary embeddings, MLP.
+
+Every op follows Hugging Face's order of float operations (norms in fp32,
+rotary tables in fp32) so greedy decoding matches transformers token for token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(rope: dict, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for a ``rope_parameters`` dict.
+
+    Supports the rope types our model families ship with: default, linear,
+    llama3 (and mrope/default for Qwen2.5-VL, whose frequencies are default).
+    """
+    base = float(rope.get("rope_theta", 10000.0))
+    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", "mrope"):
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / rope["factor"], 1.0
+    if kind == "llama3":
+        factor = rope["factor"]
+        low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+        old_ctx = rope["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3, mrope)")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; ``mrope_section`` enables Qwen2-VL's 3-axis M-RoPE.
+
+    ``positions`` is [T] for plain RoPE or [3, T] (temporal, height, width)
+    for M-RoPE, where each axis drives its own slice of the frequencies.
+    """
+
+    def __init__(self, rope: dict, head_dim: int, mrope_section: list[int] | None = None):
+        super().__init__()
+        inv_freq, self.scaling = rope_inv_freq(rope, head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.mrope_section = mrope_section
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [..., T, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.scaling, emb.sin() * self.scaling
+        if self.mrope_section is not None:
+            cos, sin = self._select_mrope(cos), self._select_mrope(sin)
+        return cos.to(dtype), sin.to(dtype)
+
+    def _select_mrope(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [3, T, D]; chunk i of the (doubled) sections takes axis i % 3.
+        chunks = x.split(self.mrope_section * 2, dim=-1)
+        return torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, D]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + rotate_half(x) * sin

@@ -1,0 +1,136 @@
+"""The Llama / Qwen2 / Qwen3 decoder over the paged KV cache.
+
+One implementation covers the family: Qwen2 adds q/k/v biases, Qwen3 adds
+per-head RMSNorm on q and k, Qwen2.5-VL's language model uses M-RoPE
+(positions [3, T]). Module names mirror Hugging Face's so checkpoints load
+by name.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from stages.attention.backend import AttentionBackend, AttentionMetadata
+from stages.models.base import EngineModel, copy_named_weights
+from stages.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+
+
+class DecoderSpec:
+    """The few facts of a HF text config the decoder needs, read once."""
+
+    def __init__(self, cfg, family: str):
+        self.hidden = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
+        self.intermediate = cfg.intermediate_size
+        self.layers = cfg.num_hidden_layers
+        self.eps = cfg.rms_norm_eps
+        self.vocab = cfg.vocab_size
+        self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.qkv_bias = family in ("qwen2", "qwen2_5_vl") or bool(getattr(cfg, "attention_bias", False))
+        self.o_bias = family not in ("qwen2", "qwen2_5_vl") and bool(getattr(cfg, "attention_bias", False))
+        self.mlp_bias = bool(getattr(cfg, "mlp_bias", False))
+        self.qk_norm = family == "qwen3"
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        rope.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        self.rope = rope
+        self.mrope_section = rope.get("mrope_section") if family == "qwen2_5_vl" else None
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, backend: AttentionBackend):
+        super().__init__()
+        self.spec, self.backend = spec, backend
+        d = spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden, spec.heads * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden, spec.kv_heads * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden, spec.kv_heads * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.heads * d, spec.hidden, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.eps)
+            self.k_norm = RMSNorm(d, spec.eps)
+        self.scale = d ** -0.5
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache):
+        s, t = self.spec, x.shape[0]
+        q = self.q_proj(x).view(t, s.heads, s.head_dim)
+        k = self.k_proj(x).view(t, s.kv_heads, s.head_dim)
+        v = self.v_proj(x).view(t, s.kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_cache, v_cache = kv_cache
+        self.backend.write_kv(k_cache, v_cache, k, v, meta)
+        o = self.backend.attend(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, s.heads * s.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, backend: AttentionBackend):
+        super().__init__()
+        self.self_attn = Attention(spec, backend)
+        self.mlp = GatedMLP(spec.hidden, spec.intermediate, spec.mlp_bias)
+        self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden, spec.eps)
+
+    def forward(self, x, cos, sin, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """HF's ``model.*``: embeddings, layers, final norm."""
+
+    def __init__(self, spec: DecoderSpec, backend: AttentionBackend):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab, spec.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(spec, backend) for _ in range(spec.layers))
+        self.norm = RMSNorm(spec.hidden, spec.eps)
+        self.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.mrope_section)
+
+    def forward(self, x, positions, meta, kv_caches):
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, meta, kv)
+        return self.norm(x)
+
+
+class DecoderLM(EngineModel):
+    """Causal LM: ``model`` (body) + ``lm_head``; used alone or inside a VLM."""
+
+    def __init__(self, text_config, family: str, backend: AttentionBackend):
+        super().__init__()
+        spec = DecoderSpec(text_config, family)
+        self.spec = spec
+        self.model = DecoderBody(spec, backend)
+        self.lm_head = nn.Linear(spec.hidden, spec.vocab, bias=False)
+        if spec.tie:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.uses_mrope = spec.mrope_section is not None
+        self.num_layers, self.num_kv_heads, self.head_dim = spec.layers, spec.kv_heads, spec.head_dim
+
+    def embed_tokens(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, positions, meta, kv_caches, input_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        return self.model(inputs_embeds, positions, meta, kv_caches)
+
+    def compute_logits(self, hidden):
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def rename(name: str) -> str | None:
+            if "rotary_emb.inv_freq" in name:
+                return None
+            if self.spec.tie and name == "lm_head.weight":
+                return None  # tied: the embedding is the head
+            return name
+
+        copy_named_weights(self, weights, rename,
+                           skip=lambda n: n.startswith("model.rotary.") or (self.spec.tie and n == "lm_head.weight"))

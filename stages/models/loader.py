@@ -1,0 +1,112 @@
+"""Reading a local Hugging Face model directory: config, weights, family.
+
+Weights come from ``model.safetensors`` or a sharded set with
+``model.safetensors.index.json``; ``load_format="dummy"`` skips the files and
+fills every parameter with small random values (real sizes, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from stages.attention.backend import get_attention_backend
+from stages.models.base import EngineModel
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "llava", "qwen2_5_vl")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on cpu (the fast dtype without bf16 instructions), bfloat16 elsewhere."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("npu"):
+        try:
+            import torch_npu  # noqa: F401  (registers the npu device)
+        except ImportError as e:
+            raise ValueError("device 'npu' needs torch_npu (pip install 'epd[npu]')") from e
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    return dev
+
+
+def load_hf_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{model_dir} is not a model directory (no config.json)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(f"unsupported model family {model_type!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    path = Path(model_dir)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{model_dir} holds no safetensors weights (use load_format='dummy' for random ones)")
+    for name in files:
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _dummy_weights(model: EngineModel) -> Iterator[tuple[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if "norm" in owner.rpartition(".")[2]:  # norms stay neutral so activations stay sane
+            yield name, torch.ones(p.shape) if leaf == "weight" else torch.zeros(p.shape)
+        else:
+            yield name, torch.empty(p.shape).uniform_(-0.05, 0.05, generator=gen)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
+                load_format: str = "auto", hf_config=None) -> EngineModel:
+    """Instantiate our implementation of the directory's family and load its weights."""
+    from stages.models.registry import model_class
+
+    hf_config = hf_config or load_hf_config(model_dir)
+    cls = model_class(hf_config.model_type)
+    backend = get_attention_backend(device)
+    with torch.device(device), _default_dtype(dtype):
+        model = cls(hf_config, backend)
+    if load_format == "dummy":
+        model.load_weights(_dummy_weights(model))
+    elif load_format in ("auto", "safetensors"):
+        model.load_weights(iter_checkpoint(model_dir))
+    else:
+        raise ValueError(f"unsupported load_format {load_format!r}; choose auto, safetensors or dummy")
+    return model.eval()
