@@ -77,3 +77,21 @@ def copy_named_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Ten
     missing = [n for n in params if n not in loaded and not skip(n)]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+class ImageSupport:
+    """A VLM family's image handling outside the network.
+
+    ``placeholder_id`` is the token that stands for one image in a prompt;
+    ``preprocess`` turns one RGB image into the encoder's inputs and says how
+    many placeholder tokens the image expands to.
+    """
+
+    placeholder_id: int
+
+    def preprocess(self, image) -> tuple[dict, int]:
+        raise NotImplementedError
+
+    def mrope_positions(self, token_ids: list[int], images: list) -> tuple[torch.Tensor, int] | None:
+        """M-RoPE positions [3, T] and the delta for later tokens; None for plain RoPE."""
+        return None

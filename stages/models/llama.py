@@ -21,7 +21,7 @@ from stages.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotar
 class DecoderSpec:
     """The few facts of a HF text config the decoder needs, read once."""
 
-    def __init__(self, cfg, family: str):
+    def __init__(self, cfg, family: str, tie: bool | None = None):
         self.hidden = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -30,7 +30,8 @@ class DecoderSpec:
         self.layers = cfg.num_hidden_layers
         self.eps = cfg.rms_norm_eps
         self.vocab = cfg.vocab_size
-        self.tie = bool(getattr(cfg, "tie_word_embeddings", False))
+        # VLM configs keep tie_word_embeddings on the outer config: the caller passes it.
+        self.tie = bool(getattr(cfg, "tie_word_embeddings", False)) if tie is None else tie
         self.qkv_bias = family in ("qwen2", "qwen2_5_vl") or bool(getattr(cfg, "attention_bias", False))
         self.o_bias = family not in ("qwen2", "qwen2_5_vl") and bool(getattr(cfg, "attention_bias", False))
         self.mlp_bias = bool(getattr(cfg, "mlp_bias", False))
@@ -102,9 +103,9 @@ class DecoderBody(nn.Module):
 class DecoderLM(EngineModel):
     """Causal LM: ``model`` (body) + ``lm_head``; used alone or inside a VLM."""
 
-    def __init__(self, text_config, family: str, backend: AttentionBackend):
+    def __init__(self, text_config, family: str, backend: AttentionBackend, tie: bool | None = None):
         super().__init__()
-        spec = DecoderSpec(text_config, family)
+        spec = DecoderSpec(text_config, family, tie)
         self.spec = spec
         self.model = DecoderBody(spec, backend)
         self.lm_head = nn.Linear(spec.hidden, spec.vocab, bias=False)

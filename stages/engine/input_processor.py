@@ -1,0 +1,86 @@
+"""Prompt + images -> the token ids and image items the engine runs.
+
+Each image placeholder in the prompt expands to as many tokens as the image
+yields; the images are matched to placeholders in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stages.engine.images import image_content_hash, load_image
+from stages.engine.sequence import ImageItem
+from stages.models.base import ImageSupport
+
+
+@dataclass
+class ProcessedPrompt:
+    token_ids: list[int]
+    images: list[ImageItem]
+    mrope_positions: torch.Tensor | None = None
+    mrope_delta: int = 0
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, image_support: ImageSupport | None, max_images: int):
+        self.tokenizer = tokenizer
+        self.images = image_support
+        self.max_images = max_images
+
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def process(self, token_ids: list[int], images: list | None) -> ProcessedPrompt:
+        images = list(images or [])
+        if images and self.images is None:
+            raise ValueError("this model does not take images")
+        if len(images) > self.max_images:
+            raise ValueError(f"{len(images)} images given; at most {self.max_images} per prompt")
+        if self.images is None:
+            return ProcessedPrompt(list(token_ids), [])
+        ph = self.images.placeholder_id
+        n_ph = sum(1 for t in token_ids if t == ph)
+        if n_ph != len(images):
+            raise ValueError(f"the prompt has {n_ph} image placeholder(s) but {len(images)} image(s) "
+                             f"were given")
+        out: list[int] = []
+        items: list[ImageItem] = []
+        it = iter(images)
+        for t in token_ids:
+            if t != ph:
+                out.append(t)
+                continue
+            pil = load_image(next(it))
+            inputs, n = self.images.preprocess(pil)
+            items.append(ImageItem(image_content_hash(pil), len(out), n, inputs))
+            out.extend([ph] * n)
+        mrope = self.images.mrope_positions(out, items)
+        if mrope is None:
+            return ProcessedPrompt(out, items)
+        return ProcessedPrompt(out, items, mrope[0], mrope[1])
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> dict:
+        """OpenAI-style messages -> a prompt dict (token ids + images, in order of appearance)."""
+        images = []
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError("each message must be an object with a 'role'")
+            content = m.get("content")
+            if isinstance(content, list):
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "image_url":
+                        url = part.get("image_url")
+                        images.append(url.get("url") if isinstance(url, dict) else url)
+                    elif kind == "image":
+                        images.append(part.get("image") or part.get("url") or part.get("path"))
+                    elif kind != "text":
+                        raise ValueError(f"unsupported content part type {kind!r}")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
+                                                  add_generation_prompt=add_generation_prompt)
+        # The template already holds the special tokens (bos and the like).
+        ids = self.tokenize(text, add_special_tokens=False)
+        return {"prompt": text, "prompt_token_ids": ids, "multi_modal_data": {"image": images}}

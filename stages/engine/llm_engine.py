@@ -1,0 +1,209 @@
+"""The engine loop: admit requests, schedule a step, run it, sample, detokenize, stop.
+
+``add_request`` checks everything a request could get wrong before it
+touches the scheduler, so a bad request fails alone with a precise
+``ValueError`` while the others carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from stages.engine.block_manager import BlockManager
+from stages.engine.config import EngineConfig
+from stages.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from stages.engine.input_processor import InputProcessor
+from stages.engine.model_runner import ModelRunner
+from stages.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from stages.engine.sampler import SampleRequest, Sampler, make_generator
+from stages.engine.sampling_params import SamplingParams
+from stages.engine.scheduler import Scheduler
+from stages.engine.sequence import Sequence
+from stages.models.loader import load_hf_config, resolve_device, resolve_dtype
+from stages.models.registry import model_class
+
+log = logging.getLogger(__name__)
+
+
+class _Request:
+    """Per-request state outside the scheduler's concern: text, logprobs, generator."""
+
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer, generator):
+        self.seq, self.detok, self.generator = seq, detok, generator
+        self.text = ""
+        self.logprobs: list[dict[int, Logprob]] | None = [] if seq.params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.sent_text_len = 0
+        self.sent_tokens = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.hf_config = load_hf_config(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
+        cls = model_class(self.hf_config.model_type)
+        support = cls.image_support(config.model, self.hf_config) if cls.is_multimodal else None
+        self.inputs = InputProcessor(self.tokenizer, support, config.max_images_per_prompt)
+        self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype)
+        text_cfg = getattr(self.hf_config, "text_config", None) or self.hf_config
+        model_len = config.max_model_len or text_cfg.max_position_embeddings
+        pool_tokens = self.runner.num_blocks * config.block_size
+        if pool_tokens < model_len:
+            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", pool_tokens, model_len)
+            model_len = pool_tokens
+        self.max_model_len = model_len
+        self.vocab_size = text_cfg.vocab_size
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.eos_token_ids = self._eos_ids()
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.num_generated_tokens = 0
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        gen = self.config.model + "/generation_config.json"
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(self.config.model, local_files_only=True).eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            log.info("no %s; eos from the tokenizer only", gen)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # ---- admission ----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                    images: list | None = None) -> None:
+        """Queue a request; raises ValueError (and queues nothing) if it cannot be served."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids, images = self._split_prompt(prompt, images)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})")
+        processed = self.inputs.process(token_ids, images)
+        n = len(processed.token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt is {n} tokens long (images included) but the model's context "
+                             f"is {self.max_model_len} tokens, leaving no room to generate")
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seq = Sequence(request_id, processed.token_ids, params, images=processed.images,
+                       mrope_positions=processed.mrope_positions, mrope_delta=processed.mrope_delta,
+                       prompt=text, arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids,
+                       max_tokens=max_tokens)
+        gen = make_generator(params, self.device)
+        detok = IncrementalDetokenizer(self.tokenizer, processed.token_ids, params.skip_special_tokens,
+                                       params.spaces_between_special_tokens)
+        self.requests[request_id] = _Request(seq, detok, gen)
+        self.scheduler.add(seq)
+
+    def _split_prompt(self, prompt, images):
+        if isinstance(prompt, dict):
+            mm = prompt.get("multi_modal_data") or {}
+            unknown = set(mm) - {"image"}
+            if unknown:
+                raise ValueError(f"unsupported multi_modal_data key(s): {sorted(unknown)}; only 'image'")
+            imgs = mm.get("image")
+            if imgs is not None and not isinstance(imgs, (list, tuple)):
+                imgs = [imgs]
+            images = list(imgs or []) + list(images or [])
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"]), images
+            prompt = prompt.get("prompt")
+            if not isinstance(prompt, str):
+                raise ValueError("a prompt dict needs 'prompt' (str) or 'prompt_token_ids' (list of int)")
+        if isinstance(prompt, str):
+            return prompt, self.inputs.tokenize(prompt), images
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt), images
+        raise ValueError(f"unsupported prompt of type {type(prompt).__name__}")
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.seq.is_finished:
+            self.scheduler.finish(req.seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        logits, seqs = self.runner.execute(sched.scheduled)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.blocks.cache_full_blocks(s.seq)
+        if not seqs:
+            return []
+        reqs = [self.requests[s.request_id] for s in seqs]
+        rows = [SampleRequest(r.seq.params, r.seq.prompt_token_ids, r.seq.output_token_ids, r.generator)
+                for r in reqs]
+        result = self.sampler(logits, rows)
+        outputs = []
+        for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
+            outputs.append(self._append_token(req, token, lp))
+        return outputs
+
+    def _append_token(self, req: _Request, token: int, lp) -> RequestOutput:
+        seq, p = req.seq, req.seq.params
+        seq.output_token_ids.append(token)
+        self.num_generated_tokens += 1
+        if lp is not None and req.logprobs is not None:
+            # vLLM's shape: the sampled token first, then the top ones by rank.
+            entry = {token: Logprob(lp.sampled_logprob, lp.sampled_rank, self._piece(token))}
+            for rank, (tid, val) in enumerate(zip(lp.top_ids, lp.top_logprobs), 1):
+                entry.setdefault(tid, Logprob(val, rank, self._piece(tid)))
+            req.logprobs.append(entry)
+            req.cumulative_logprob += lp.sampled_logprob
+        n_out = len(seq.output_token_ids)
+        may_stop = n_out >= p.min_tokens
+        if may_stop and not p.ignore_eos and token in seq.eos_token_ids:
+            self.scheduler.finish(seq, "stop", None)  # the eos token's text is not part of the answer
+        elif may_stop and token in p.stop_token_ids:
+            self.scheduler.finish(seq, "stop", token)
+        else:
+            req.text += req.detok.add([token])
+            if may_stop and p.stop:
+                hit = find_stop_string(req.text, len(req.text) - req.sent_text_len, p.stop,
+                                       p.include_stop_str_in_output)
+                if hit is not None:
+                    req.text = req.text[:hit[1]]
+                    self.scheduler.finish(seq, "stop", hit[0])
+        if not seq.is_finished and (n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            self.scheduler.finish(seq, "length")
+        return self._output(req)
+
+    def _piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _output(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        delta_text = req.text[req.sent_text_len:]
+        delta_ids = seq.output_token_ids[req.sent_tokens:]
+        req.sent_text_len, req.sent_tokens = len(req.text), len(seq.output_token_ids)
+        comp = CompletionOutput(0, req.text, list(seq.output_token_ids),
+                                req.cumulative_logprob if req.logprobs is not None else None,
+                                req.logprobs, seq.finish_reason, seq.stop_reason)
+        if seq.is_finished:
+            self.requests.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], seq.is_finished,
+                             seq.num_cached_tokens, delta_text, delta_ids)

@@ -1,0 +1,118 @@
+"""Qwen2.5-VL: transformers' vision transformer + our M-RoPE decoder.
+
+Positions are three rows (temporal, height, width). Text tokens advance all
+three together; an image's tokens take their grid coordinates offset by the
+text position where the image starts, and the text after it resumes at
+``start + max(h, w) / merge``. Tokens generated later sit at
+``index + mrope_delta``: a decode worker must get the delta from prefill.
+Checkpoints load from the hub layout (``model.*``, ``visual.*``,
+``lm_head.*``) and transformers 5's (``model.language_model.*``,
+``model.visual.*``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from stages.models.base import EngineModel, ImageSupport, copy_named_weights
+from stages.models.llama import DecoderLM
+
+
+def mrope_positions(token_ids: list[int], images, merge: int) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions [3, T] for a prompt whose images are ``images`` (offset, length, grid)."""
+    parts, pos, cursor = [], 0, 0
+    for img in images:
+        if img.offset > cursor:
+            n = img.offset - cursor
+            parts.append(torch.arange(pos, pos + n).expand(3, -1))
+            pos += n
+        t, h, w = img.inputs["grid_thw"]
+        gh, gw = h // merge, w // merge
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        parts.append(torch.stack([tt + pos, hh + pos, ww + pos]).reshape(3, -1))
+        pos += max(gh, gw)
+        cursor = img.offset + img.length
+    if cursor < len(token_ids):
+        n = len(token_ids) - cursor
+        parts.append(torch.arange(pos, pos + n).expand(3, -1))
+        pos += n
+    positions = torch.cat(parts, dim=1)
+    return positions, int(positions.max()) + 1 - len(token_ids)
+
+
+class QwenImages(ImageSupport):
+    def __init__(self, model_dir, hf_config):
+        from transformers import AutoImageProcessor
+
+        self.processor = AutoImageProcessor.from_pretrained(model_dir, use_fast=False, local_files_only=True)
+        self.placeholder_id = hf_config.image_token_id
+        self.merge = hf_config.vision_config.spatial_merge_size
+
+    def preprocess(self, image):
+        out = self.processor(images=[image], return_tensors="pt")
+        grid = tuple(int(x) for x in out["image_grid_thw"][0])
+        n = grid[0] * grid[1] * grid[2] // self.merge ** 2
+        return {"pixel_values": out["pixel_values"], "grid_thw": grid}, n
+
+    def mrope_positions(self, token_ids, images):
+        return mrope_positions(token_ids, images, self.merge)
+
+
+class Qwen25VLLM(EngineModel):
+    is_multimodal = True
+    uses_mrope = True
+
+    def __init__(self, hf_config, backend):
+        super().__init__()
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        vc = hf_config.vision_config
+        vc._attn_implementation = "sdpa"
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vc, torch_dtype=torch.get_default_dtype())
+        self.language_model = DecoderLM(hf_config.text_config, "qwen2_5_vl", backend,
+                                        tie=getattr(hf_config, "tie_word_embeddings", False))
+        lm = self.language_model
+        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+
+    @classmethod
+    def image_support(cls, model_dir, hf_config) -> ImageSupport:
+        return QwenImages(model_dir, hf_config)
+
+    def encode_images(self, inputs: list[dict]) -> list[torch.Tensor]:
+        p = next(self.visual.parameters())
+        pixels = torch.cat([i["pixel_values"] for i in inputs]).to(device=p.device, dtype=p.dtype)
+        grid = torch.tensor([i["grid_thw"] for i in inputs], device=p.device)
+        out = self.visual(pixels, grid_thw=grid)
+        merged = out.pooler_output if hasattr(out, "pooler_output") else out
+        sizes = (grid.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
+        return list(torch.split(merged, sizes))
+
+    def embed_tokens(self, input_ids):
+        return self.language_model.embed_tokens(input_ids)
+
+    def forward(self, positions, meta, kv_caches, input_ids=None, inputs_embeds=None):
+        return self.language_model(positions, meta, kv_caches, input_ids, inputs_embeds)
+
+    def compute_logits(self, hidden):
+        return self.language_model.compute_logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        tie = self.language_model.spec.tie
+
+        def rename(name: str) -> str | None:
+            if "rotary_emb.inv_freq" in name or "rotary_pos_emb.inv_freq" in name:
+                return None
+            for old, new in (("model.language_model.", "language_model.model."),
+                             ("model.visual.", "visual."),
+                             ("lm_head.", "language_model.lm_head."),
+                             ("model.", "language_model.model.")):
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+            if tie and name == "language_model.lm_head.weight":
+                return None
+            return name
+
+        copy_named_weights(self, weights, rename, skip=lambda n: ".rotary." in n or "inv_freq" in n)
