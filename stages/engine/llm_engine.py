@@ -140,6 +140,10 @@ class LLMEngine:
         if req is not None and not req.seq.is_finished:
             self.scheduler.finish(req.seq, "abort")
 
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 

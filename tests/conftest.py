@@ -1,0 +1,38 @@
+import os
+
+import pytest
+
+# Two cores: keep torch from oversubscribing them when tests spawn processes.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llama", "qwen2", "qwen3", "llava", "qwen2_5_vl")
+VLM_FAMILIES = ("llava", "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> directory of the tiny model, built once per session."""
+    from stages.models.make_model import make_model
+
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = str(make_model(family, "tiny", root / family, seed=0))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def test_images():
+    """Random RGB images of different sizes (deterministic)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1234)
+    sizes = [(60, 80), (100, 50), (120, 120), (40, 90), (88, 66)]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
