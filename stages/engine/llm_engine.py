@@ -130,6 +130,8 @@ class LLMEngine:
             if not isinstance(prompt, str):
                 raise ValueError("a prompt dict needs 'prompt' (str) or 'prompt_token_ids' (list of int)")
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
             return prompt, self.inputs.tokenize(prompt), images
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt), images
