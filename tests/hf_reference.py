@@ -15,7 +15,9 @@ import torch
 
 @functools.lru_cache(maxsize=8)
 def load_hf(model_dir: str):
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from stages.models.base import load_image_processor
     from transformers import AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -23,7 +25,7 @@ def load_hf(model_dir: str):
     cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ip = AutoImageProcessor.from_pretrained(model_dir, use_fast=False) if vlm else None
+    ip = load_image_processor(model_dir) if vlm else None
     return model, tok, ip
 
 

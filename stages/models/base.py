@@ -95,3 +95,16 @@ class ImageSupport:
     def mrope_positions(self, token_ids: list[int], images: list) -> tuple[torch.Tensor, int] | None:
         """M-RoPE positions [3, T] and the delta for later tokens; None for plain RoPE."""
         return None
+
+
+def load_image_processor(model_dir):
+    """The directory's image processor, PIL flavour (the fast one needs torchvision)."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    kwargs: dict = {"local_files_only": True}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        kwargs["backend"] = "pil"
+    else:
+        kwargs["use_fast"] = False
+    return AutoImageProcessor.from_pretrained(model_dir, **kwargs)

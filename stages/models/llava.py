@@ -14,15 +14,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from stages.models.base import EngineModel, ImageSupport, copy_named_weights
+from stages.models.base import EngineModel, ImageSupport, copy_named_weights, load_image_processor
 from stages.models.llama import DecoderLM
 
 
 class LlavaImages(ImageSupport):
     def __init__(self, model_dir, hf_config):
-        from transformers import AutoImageProcessor
-
-        self.processor = AutoImageProcessor.from_pretrained(model_dir, use_fast=False, local_files_only=True)
+        self.processor = load_image_processor(model_dir)
         self.placeholder_id = hf_config.image_token_id
         vc = hf_config.vision_config
         n = (vc.image_size // vc.patch_size) ** 2

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from stages.models.base import EngineModel, ImageSupport, copy_named_weights
+from stages.models.base import EngineModel, ImageSupport, copy_named_weights, load_image_processor
 from stages.models.llama import DecoderLM
 
 
@@ -44,9 +44,7 @@ def mrope_positions(token_ids: list[int], images, merge: int) -> tuple[torch.Ten
 
 class QwenImages(ImageSupport):
     def __init__(self, model_dir, hf_config):
-        from transformers import AutoImageProcessor
-
-        self.processor = AutoImageProcessor.from_pretrained(model_dir, use_fast=False, local_files_only=True)
+        self.processor = load_image_processor(model_dir)
         self.placeholder_id = hf_config.image_token_id
         self.merge = hf_config.vision_config.spatial_merge_size
 
