@@ -14,7 +14,7 @@ import torch
 
 from stages.engine.block_manager import BlockManager
 from stages.engine.config import EngineConfig
-from stages.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from stages.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_string_holdback
 from stages.engine.input_processor import InputProcessor
 from stages.engine.model_runner import ModelRunner
 from stages.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -196,6 +196,9 @@ class LLMEngine:
                     self.scheduler.finish(seq, "stop", hit[0])
         if not seq.is_finished and (n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             self.scheduler.finish(seq, "length")
+        if seq.is_finished and not isinstance(seq.stop_reason, str):
+            # Release an incomplete character held back (a stop string has already cut the text).
+            req.text += req.detok.flush()
         return self._output(req)
 
     def _piece(self, token: int) -> str:
@@ -203,9 +206,14 @@ class LLMEngine:
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq
-        delta_text = req.text[req.sent_text_len:]
+        visible = len(req.text)
+        if not seq.is_finished and seq.params.stop:
+            # Withhold a tail that may still grow into a stop string (streaming never shows it).
+            visible -= stop_string_holdback(req.text, seq.params.stop)
+        visible = max(visible, req.sent_text_len)
+        delta_text = req.text[req.sent_text_len:visible]
         delta_ids = seq.output_token_ids[req.sent_tokens:]
-        req.sent_text_len, req.sent_tokens = len(req.text), len(seq.output_token_ids)
+        req.sent_text_len, req.sent_tokens = visible, len(seq.output_token_ids)
         comp = CompletionOutput(0, req.text, list(seq.output_token_ids),
                                 req.cumulative_logprob if req.logprobs is not None else None,
                                 req.logprobs, seq.finish_reason, seq.stop_reason)
