@@ -57,9 +57,14 @@ class AttentionBackend(ABC):
         """Store ``k``/``v`` ([num_tokens, kv_heads, head_dim]) at ``meta.slot_mapping``."""
 
     @abstractmethod
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """``q``: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """``q``: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim].
+
+        ``k``/``v`` are this step's new keys and values (already written to
+        the cache); a backend may use them directly where a sequence has no
+        earlier context.
+        """
 
 
 def get_attention_backend(device: torch.device) -> AttentionBackend:

@@ -44,17 +44,19 @@ class TorchPagedAttention(AttentionBackend):
         prefills = []
         for i in range(nd, len(meta.query_lens)):
             q_len, ctx = meta.query_lens[i], meta.context_lens[i]
+            if ctx == q_len:  # no earlier context: attend over this step's own k/v, no gather
+                prefills.append((meta.query_start[i], q_len, None, None))
+                continue
+            # A chunk after cached/computed context: causal with an offset.
             slots = _slots(meta.block_tables[i], ctx, meta.block_size, device)
-            mask = None
-            if ctx != q_len:  # a chunk after cached/computed context: causal with an offset
-                q_pos = torch.arange(ctx - q_len, ctx, device=device)
-                mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+            q_pos = torch.arange(ctx - q_len, ctx, device=device)
+            mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
             prefills.append((meta.query_start[i], q_len, slots, mask))
         cache["prefill"] = prefills
         meta.cache = cache
         return cache
 
-    def attend(self, q, k_cache, v_cache, meta, scale):
+    def attend(self, q, k_new, v_new, k_cache, v_cache, meta, scale):
         prep = self._prepare(meta, q.device)
         out = torch.empty_like(q)
         flat_k = k_cache.view(-1, *k_cache.shape[2:])
@@ -71,8 +73,12 @@ class TorchPagedAttention(AttentionBackend):
             out[:nd] = o.squeeze(2)
         for start, q_len, slots, mask in prep["prefill"]:
             qs = q[start:start + q_len].transpose(0, 1)  # [heads, q_len, d]
-            k = flat_k[slots].transpose(0, 1).to(q.dtype)
-            v = flat_v[slots].transpose(0, 1).to(q.dtype)
+            if slots is None:
+                k = k_new[start:start + q_len].transpose(0, 1)
+                v = v_new[start:start + q_len].transpose(0, 1)
+            else:
+                k = flat_k[slots].transpose(0, 1).to(q.dtype)
+                v = flat_v[slots].transpose(0, 1).to(q.dtype)
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=scale, enable_gqa=gqa)
             out[start:start + q_len] = o.transpose(0, 1)

@@ -66,7 +66,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k_cache, v_cache, k, v, meta)
-        o = self.backend.attend(q, k_cache, v_cache, meta, self.scale)
+        o = self.backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, s.heads * s.head_dim))
 
 
