@@ -7,6 +7,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Set EPD_TEST_DEVICE=cuda to run the engine tests (and their transformers references) on a GPU.
+TEST_DEVICE = os.environ.get("EPD_TEST_DEVICE", "cpu")
+
 FAMILIES = ("llama", "qwen2", "qwen3", "llava", "qwen2_5_vl")
 VLM_FAMILIES = ("llava", "qwen2_5_vl")
 
@@ -36,3 +39,10 @@ def test_images():
     rng = np.random.default_rng(1234)
     sizes = [(60, 80), (100, 50), (120, 120), (40, 90), (88, 66)]
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def make_llm(model_dir: str, **engine_args):
+    """An ``LLM`` on the test device."""
+    from stages.engine import LLM
+
+    return LLM(model_dir, device=TEST_DEVICE, **engine_args)

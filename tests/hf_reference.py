@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from tests.conftest import TEST_DEVICE
+
 
 @functools.lru_cache(maxsize=8)
 def load_hf(model_dir: str):
@@ -23,7 +25,7 @@ def load_hf(model_dir: str):
     cfg = AutoConfig.from_pretrained(model_dir)
     vlm = cfg.model_type in ("llava", "qwen2_5_vl")
     cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
-    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).to(TEST_DEVICE).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     ip = load_image_processor(model_dir) if vlm else None
     return model, tok, ip
@@ -59,7 +61,8 @@ def expand_inputs(model_dir: str, token_ids: list[int], images: list) -> tuple[l
 def hf_greedy(model_dir: str, token_ids: list[int], max_new_tokens: int, images: list | None = None) -> list[int]:
     model, tok, _ = load_hf(model_dir)
     ids, kwargs = expand_inputs(model_dir, token_ids, list(images or []))
-    inp = torch.tensor([ids])
+    inp = torch.tensor([ids], device=TEST_DEVICE)
+    kwargs = {k: v.to(TEST_DEVICE) for k, v in kwargs.items()}
     out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id or 0, **kwargs)
     return out[0, inp.shape[1]:].tolist()
@@ -69,6 +72,6 @@ def hf_greedy(model_dir: str, token_ids: list[int], max_new_tokens: int, images:
 def hf_logprobs(model_dir: str, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
     """log_softmax over the vocabulary at every output position: [len(output_ids), vocab]."""
     model, _, _ = load_hf(model_dir)
-    ids = torch.tensor([prompt_ids + output_ids])
+    ids = torch.tensor([prompt_ids + output_ids], device=TEST_DEVICE)
     logits = model(ids).logits[0, len(prompt_ids) - 1: -1].float()
-    return torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(logits, dim=-1).cpu()

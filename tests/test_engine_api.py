@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-from stages.engine import LLM, SamplingParams
+from stages.engine import SamplingParams
 from stages.engine.images import ImageError
+from tests.conftest import make_llm
 from tests.hf_reference import hf_logprobs
 
 PROMPTS = ["Hello there", "The quick brown fox jumps", "1 2 3 4 5", "Once upon a time there was"]
@@ -17,12 +18,12 @@ PROMPTS = ["Hello there", "The quick brown fox jumps", "1 2 3 4 5", "Once upon a
 
 @pytest.fixture(scope="module")
 def llama(tiny_models):
-    return LLM(tiny_models("llama"), block_size=8, num_kv_blocks=256)
+    return make_llm(tiny_models("llama"), block_size=8, num_kv_blocks=256)
 
 
 @pytest.fixture(scope="module")
 def llava(tiny_models):
-    return LLM(tiny_models("llava"), block_size=8, num_kv_blocks=256)
+    return make_llm(tiny_models("llava"), block_size=8, num_kv_blocks=256)
 
 
 def test_seeded_sampling_reproducible_across_batches_and_runs(llama, tiny_models):
@@ -32,7 +33,7 @@ def test_seeded_sampling_reproducible_across_batches_and_runs(llama, tiny_models
                     SamplingParams(temperature=0.7, seed=3, max_tokens=30), SamplingParams(temperature=0)]
     mixed = llama.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]], mixed_params)
     assert mixed[1].outputs[0].token_ids == alone
-    fresh = LLM(tiny_models("llama"), block_size=16, num_kv_blocks=128)
+    fresh = make_llm(tiny_models("llama"), block_size=16, num_kv_blocks=128)
     assert fresh.generate(PROMPTS[1], p)[0].outputs[0].token_ids == alone
     other_seed = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=8, max_tokens=20)
     assert llama.generate(PROMPTS[1], other_seed)[0].outputs[0].token_ids != alone
@@ -80,7 +81,7 @@ def test_text_stops_and_lengths(llama):
 
 
 def test_eos_and_ignore_eos(tiny_models):
-    llm = LLM(tiny_models("llama"), num_kv_blocks=64)
+    llm = make_llm(tiny_models("llama"), num_kv_blocks=64)
     base = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0]
     # Make the third greedy token the model's eos: generation must end there, without its text.
     eos = base.token_ids[2]
@@ -153,7 +154,7 @@ def test_bad_inputs_fail_alone(llama, llava, tiny_models, tmp_path, test_images)
     cfg["model_type"] = "gpt2"
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unsupported model family 'gpt2'"):
-        LLM(str(other))
+        make_llm(str(other))
 
 
 def test_abort_frees_blocks(llama):
@@ -169,6 +170,6 @@ def test_abort_frees_blocks(llama):
 
 
 def test_dummy_load_format(tiny_models):
-    llm = LLM(tiny_models("qwen3"), load_format="dummy", num_kv_blocks=64)
+    llm = make_llm(tiny_models("qwen3"), load_format="dummy", num_kv_blocks=64)
     out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=4))[0]
     assert len(out.outputs[0].token_ids) == 4

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.engine import LLM, SamplingParams
-from tests.conftest import FAMILIES, VLM_FAMILIES
+from stages.engine import SamplingParams
+from tests.conftest import FAMILIES, VLM_FAMILIES, make_llm
 from tests.hf_reference import hf_greedy
 
 MAX_TOKENS = 16
@@ -22,7 +22,7 @@ TEXTS = [
 IMAGE_COUNTS = [0, 1, 3, 1, 0, 3, 1, 0]  # per prompt, for VLMs
 
 
-def chat_prompts(llm: LLM, family: str, images) -> list[dict]:
+def chat_prompts(llm, family: str, images) -> list[dict]:
     prompts = []
     for i, text in enumerate(TEXTS):
         n = IMAGE_COUNTS[i] if family in VLM_FAMILIES else 0
@@ -47,7 +47,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
 def test_greedy_matches_transformers(tiny_models, test_images, family, chunked):
     d = tiny_models(family)
     # A small token budget forces prompts (and image runs) to split across steps.
-    llm = LLM(d, block_size=8, num_kv_blocks=512, enable_chunked_prefill=chunked,
+    llm = make_llm(d, block_size=8, num_kv_blocks=512, enable_chunked_prefill=chunked,
               max_num_batched_tokens=48 if chunked else 2048, enable_prefix_caching=False)
     prompts = chat_prompts(llm, family, test_images)
     refs = references(d, prompts)
@@ -63,7 +63,7 @@ def test_greedy_matches_transformers(tiny_models, test_images, family, chunked):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_cache_hits_keep_tokens(tiny_models, test_images, family):
     d = tiny_models(family)
-    llm = LLM(d, block_size=4, num_kv_blocks=512, enable_prefix_caching=True)
+    llm = make_llm(d, block_size=4, num_kv_blocks=512, enable_prefix_caching=True)
     prompts = chat_prompts(llm, family, test_images)
     first = llm.generate(prompts[:4], GREEDY)
     # Same prompts again (same images): whole-block prefixes come from the cache.
@@ -77,7 +77,7 @@ def test_prefix_cache_hits_keep_tokens(tiny_models, test_images, family):
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_same_image_in_later_request_hits_cache(tiny_models, test_images, family):
     d = tiny_models(family)
-    llm = LLM(d, block_size=4, num_kv_blocks=512)
+    llm = make_llm(d, block_size=4, num_kv_blocks=512)
     img = test_images[2]
 
     def prompt(text):
@@ -103,7 +103,7 @@ def test_same_image_in_later_request_hits_cache(tiny_models, test_images, family
 def test_preemption_by_recompute_keeps_tokens(tiny_models, test_images, family):
     d = tiny_models(family)
     # Room for about two sequences at a time: the scheduler must preempt and recompute.
-    llm = LLM(d, block_size=4, num_kv_blocks=90 if family in VLM_FAMILIES else 40,
+    llm = make_llm(d, block_size=4, num_kv_blocks=90 if family in VLM_FAMILIES else 40,
               max_num_batched_tokens=64, enable_prefix_caching=False)
     prompts = chat_prompts(llm, family, test_images)
     params = SamplingParams(temperature=0.0, max_tokens=24)
