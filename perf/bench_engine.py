@@ -45,7 +45,7 @@ def bench_ours(model_dir: str, prompts, out_lens: list[int], args) -> dict:
     from stages.engine import LLM, SamplingParams
 
     llm = LLM(model_dir, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-              kv_cache_memory_gb=args.kv_gb)
+              kv_cache_memory_gb=args.kv_gb, device=args.device, dtype=args.dtype)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     t = time.perf_counter()
@@ -56,11 +56,11 @@ def bench_ours(model_dir: str, prompts, out_lens: list[int], args) -> dict:
             "token_ids": [o.outputs[0].token_ids for o in outs]}
 
 
-def bench_hf(model_dir: str, prompts, out_lens: list[int], batch: int) -> dict:
+def bench_hf(model_dir: str, prompts, out_lens: list[int], batch: int, device: str, dtype: str) -> dict:
     """Static batches: each runs to its longest request; only each request's own tokens count."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     pad = 0
     n_out, t = 0, time.perf_counter()
     token_ids = []
@@ -68,8 +68,8 @@ def bench_hf(model_dir: str, prompts, out_lens: list[int], batch: int) -> dict:
         for i in range(0, len(prompts), batch):
             chunk, lens = prompts[i:i + batch], out_lens[i:i + batch]
             width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),
                                  do_sample=False, pad_token_id=pad)
             for row, n in zip(out[:, width:].tolist(), lens):
@@ -149,6 +149,8 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--vllm", help="vLLM-CPU venv (../shared/peers/vllm-cpu/setup.sh)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (ours and transformers alike)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "perf" / "out" / "bench_engine.json"))
     args = ap.parse_args()
@@ -172,13 +174,13 @@ def main() -> int:
     results = [bench_ours(model_dir, prompts, out_lens, args)]
     if not args.skip_hf:
         for b in sorted({int(x) for x in str(args.hf_batch).split(",")}):
-            results.append(bench_hf(model_dir, prompts, out_lens, b))
+            results.append(bench_hf(model_dir, prompts, out_lens, b, args.device, args.dtype))
     if args.vllm:
         results.append(bench_vllm(args.vllm, model_dir, prompts, out_lens, args, None))
         results.append(bench_vllm(args.vllm, model_dir, prompts, out_lens, args, args.threads))
     ours = results[0]
     print(f"model {model_dir}  prompts {args.num_prompts}  input {lo}-{hi}  output {args.output_len}  "
-          f"threads {args.threads}")
+          f"device {args.device} {args.dtype}  threads {args.threads}")
     print(f"{'system':<28}{'seconds':>9}{'out tok/s':>11}{'epd / it':>10}{'same tokens':>13}")
     for r in results:
         print(f"{r['system']:<28}{r['seconds']:>9.2f}{r['output_tok_s']:>11.1f}"

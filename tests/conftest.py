@@ -42,7 +42,8 @@ def test_images():
 
 
 def make_llm(model_dir: str, **engine_args):
-    """An ``LLM`` on the test device."""
+    """An ``LLM`` on the test device, in float32 like the transformers reference."""
     from stages.engine import LLM
 
+    engine_args.setdefault("dtype", "float32")  # "auto" would pick bfloat16 on a GPU
     return LLM(model_dir, device=TEST_DEVICE, **engine_args)
