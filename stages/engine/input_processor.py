@@ -16,6 +16,17 @@ from stages.models.base import ImageSupport
 
 
 @dataclass
+class PreparedImage:
+    """An image already encoded elsewhere (an encode worker): its hash, size in tokens and
+    embedding, plus the grid M-RoPE needs. Stands in for the raw image in a prompt."""
+
+    content_hash: str
+    num_tokens: int
+    grid_thw: tuple[int, int, int] | None = None
+    embedding: torch.Tensor | None = None
+
+
+@dataclass
 class ProcessedPrompt:
     token_ids: list[int]
     images: list[ImageItem]
@@ -52,14 +63,27 @@ class InputProcessor:
             if t != ph:
                 out.append(t)
                 continue
-            pil = load_image(next(it))
-            inputs, n = self.images.preprocess(pil)
-            items.append(ImageItem(image_content_hash(pil), len(out), n, inputs))
-            out.extend([ph] * n)
+            src = next(it)
+            if isinstance(src, PreparedImage):
+                inputs = {"grid_thw": tuple(src.grid_thw)} if src.grid_thw else {}
+                item = ImageItem(src.content_hash, len(out), src.num_tokens, inputs, src.embedding)
+            else:
+                item = self.prepare_image(src)
+                item.offset = len(out)
+            items.append(item)
+            out.extend([ph] * item.length)
         mrope = self.images.mrope_positions(out, items)
         if mrope is None:
             return ProcessedPrompt(out, items)
         return ProcessedPrompt(out, items, mrope[0], mrope[1])
+
+    def prepare_image(self, source) -> ImageItem:
+        """Decode, hash and preprocess one image (offset still unknown: 0)."""
+        if self.images is None:
+            raise ValueError("this model does not take images")
+        pil = load_image(source)
+        inputs, n = self.images.preprocess(pil)
+        return ImageItem(image_content_hash(pil), 0, n, inputs)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     chat_template: str | None = None) -> dict:

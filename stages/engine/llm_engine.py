@@ -15,13 +15,14 @@ import torch
 from stages.engine.block_manager import BlockManager
 from stages.engine.config import EngineConfig
 from stages.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_string_holdback
+from stages.engine.handoff import Handoff, HandoffImage
 from stages.engine.input_processor import InputProcessor
 from stages.engine.model_runner import ModelRunner
 from stages.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from stages.engine.sampler import SampleRequest, Sampler, make_generator
 from stages.engine.sampling_params import SamplingParams
 from stages.engine.scheduler import Scheduler
-from stages.engine.sequence import Sequence
+from stages.engine.sequence import ImageItem, Sequence
 from stages.models.loader import load_hf_config, resolve_device, resolve_dtype
 from stages.models.registry import model_class
 
@@ -34,6 +35,7 @@ class _Request:
     def __init__(self, seq: Sequence, detok: IncrementalDetokenizer, generator):
         self.seq, self.detok, self.generator = seq, detok, generator
         self.text = ""
+        self.prefill_only = False
         self.logprobs: list[dict[int, Logprob]] | None = [] if seq.params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.sent_text_len = 0
@@ -68,6 +70,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids()
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
+        self.handoffs: dict[str, _Request] = {}  # prefilled, holding KV blocks for a decode worker
         self.num_generated_tokens = 0
 
     def _eos_ids(self) -> frozenset[int]:
@@ -86,8 +89,12 @@ class LLMEngine:
 
     # ---- admission ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                    images: list | None = None) -> None:
-        """Queue a request; raises ValueError (and queues nothing) if it cannot be served."""
+                    images: list | None = None, prefill_only: bool = False) -> None:
+        """Queue a request; raises ValueError (and queues nothing) if it cannot be served.
+
+        ``prefill_only``: stop after the first token and hold the KV blocks for
+        :meth:`export_handoff` (the prefill stage of a disaggregated deployment).
+        """
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -111,7 +118,9 @@ class LLMEngine:
         gen = make_generator(params, self.device)
         detok = IncrementalDetokenizer(self.tokenizer, processed.token_ids, params.skip_special_tokens,
                                        params.spaces_between_special_tokens)
-        self.requests[request_id] = _Request(seq, detok, gen)
+        req = _Request(seq, detok, gen)
+        req.prefill_only = prefill_only
+        self.requests[request_id] = req
         self.scheduler.add(seq)
 
     def _split_prompt(self, prompt, images):
@@ -141,6 +150,9 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.seq.is_finished:
             self.scheduler.finish(req.seq, "abort")
+        held = self.handoffs.pop(request_id, None)
+        if held is not None:
+            self.blocks.free(held.seq)
 
     @property
     def num_preemptions(self) -> int:
@@ -149,12 +161,67 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    # ---- disaggregation: prefill hands over, decode takes over -----------------------------------
+    def export_handoff(self, request_id: str) -> Handoff:
+        """Package a prefilled request (``prefill_done``) for a decode worker and free its blocks."""
+        req = self.handoffs.pop(request_id)
+        seq = req.seq
+        try:
+            kv = self.runner.read_kv(seq, seq.num_computed_tokens)
+            embeds = [self.runner.image_embedding(img) for img in seq.images]
+        finally:
+            self.blocks.free(seq)
+        gen = req.generator.get_state().numpy().tobytes() if req.generator is not None else None
+        images = [HandoffImage(i.content_hash, i.offset, i.length, i.inputs.get("grid_thw")) for i in seq.images]
+        return Handoff(request_id, list(seq.prompt_token_ids), list(seq.output_token_ids),
+                       seq.params.to_dict(), seq.prompt, images, req.sent_text_len, seq.num_cached_tokens,
+                       req.cumulative_logprob if req.logprobs is not None else None, gen, kv, embeds)
+
+    def add_prefilled(self, h: Handoff) -> None:
+        """Continue a request prefilled elsewhere; its KV is written into our blocks on admission."""
+        if h.request_id in self.requests:
+            raise ValueError(f"request id {h.request_id!r} is already in use")
+        params = SamplingParams.from_dict(h.params)
+        items = [ImageItem(i.content_hash, i.offset, i.length,
+                           {"grid_thw": tuple(i.grid_thw)} if i.grid_thw else {}, emb)
+                 for i, emb in zip(h.images, h.image_embeddings)]
+        n = len(h.prompt_token_ids)
+        if n + len(h.output_token_ids) > self.max_model_len:
+            raise ValueError(f"the request holds {n} tokens; this worker's context is {self.max_model_len}")
+        positions, delta = None, 0
+        support = self.inputs.images
+        if support is not None:
+            mrope = support.mrope_positions(h.prompt_token_ids, items)
+            if mrope is not None:
+                positions, delta = mrope
+        room = self.max_model_len - n
+        seq = Sequence(h.request_id, list(h.prompt_token_ids), params, images=items, mrope_positions=positions,
+                       mrope_delta=delta, prompt=h.prompt, arrival_time=time.monotonic(),
+                       eos_token_ids=self.eos_token_ids,
+                       max_tokens=room if params.max_tokens is None else min(params.max_tokens, room))
+        seq.output_token_ids = list(h.output_token_ids)
+        seq.num_computed_tokens = n
+        seq.num_cached_tokens = h.num_cached_tokens
+        seq.pending_kv = h.kv
+        gen = make_generator(params, self.device)
+        if gen is not None and h.generator_state is not None:
+            gen.set_state(torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8))
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens,
+                                       params.spaces_between_special_tokens)
+        req = _Request(seq, detok, gen)
+        req.text = detok.add(seq.output_token_ids)  # replay: the same text the prefill worker saw
+        req.sent_text_len, req.sent_tokens = h.sent_text_len, len(seq.output_token_ids)
+        if h.cumulative_logprob is not None and req.logprobs is not None:
+            req.cumulative_logprob = h.cumulative_logprob
+        self.requests[h.request_id] = req
+        self.scheduler.add(seq)
+
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        logits, seqs = self.runner.execute(sched.scheduled)
+        logits, seqs = self.runner.execute(sched.scheduled, sched.kv_loads)
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.blocks.cache_full_blocks(s.seq)
@@ -199,6 +266,13 @@ class LLMEngine:
         if seq.is_finished and not isinstance(seq.stop_reason, str):
             # Release an incomplete character held back (a stop string has already cut the text).
             req.text += req.detok.flush()
+        if req.prefill_only and not seq.is_finished:
+            # Prefill stage: stop here, keep the KV blocks until a decode worker takes them.
+            self.scheduler.finish(seq, None, keep_blocks=True)
+            out = self._output(req)
+            out.prefill_done = True
+            self.handoffs[seq.request_id] = req
+            return out
         return self._output(req)
 
     def _piece(self, token: int) -> str:
@@ -221,3 +295,18 @@ class LLMEngine:
             self.requests.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], seq.is_finished,
                              seq.num_cached_tokens, delta_text, delta_ids)
+
+    # ---- encode stage -------------------------------------------------------------------------
+    def encode_images(self, sources: list) -> list:
+        """Decode, preprocess and encode images (the encode stage); cache hits are not re-encoded.
+
+        Returns one ``PreparedImage`` per source, embedding included.
+        """
+        from stages.engine.input_processor import PreparedImage
+
+        items = [self.inputs.prepare_image(src) for src in sources]
+        todo = {i.content_hash: i for i in items if i.content_hash not in self.runner.encoder_cache}
+        if todo:
+            self.runner.encode(list(todo.values()))
+        return [PreparedImage(i.content_hash, i.length, i.inputs.get("grid_thw"), self.runner.image_embedding(i))
+                for i in items]

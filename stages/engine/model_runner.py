@@ -69,6 +69,27 @@ class ModelRunner:
         if todo:
             self.encode(list(todo.values()))
 
+    # ---- KV in and out (disaggregated prefill/decode) --------------------------------------
+    def _token_slots(self, seq: Sequence, n: int) -> torch.Tensor:
+        bs, table = self.block_size, seq.block_table
+        return torch.tensor([table[i // bs] * bs + i % bs for i in range(n)], device=self.device)
+
+    @torch.inference_mode()
+    def read_kv(self, seq: Sequence, n: int) -> torch.Tensor:
+        """KV of ``seq``'s first ``n`` tokens: [layers, 2, n, kv_heads, head_dim] (a copy)."""
+        slots = self._token_slots(seq, n)
+        return torch.stack([torch.stack([k.view(-1, *k.shape[2:])[slots], v.view(-1, *v.shape[2:])[slots]])
+                            for k, v in self.kv_caches])
+
+    @torch.inference_mode()
+    def write_kv(self, seq: Sequence, kv: torch.Tensor) -> None:
+        """Store ``kv`` (as from :meth:`read_kv`) into ``seq``'s first blocks."""
+        slots = self._token_slots(seq, kv.shape[2])
+        kv = kv.to(device=self.device, dtype=self.dtype)
+        for layer, (k, v) in enumerate(self.kv_caches):
+            k.view(-1, *k.shape[2:]).index_copy_(0, slots, kv[layer, 0])
+            v.view(-1, *v.shape[2:]).index_copy_(0, slots, kv[layer, 1])
+
     # ---- one step ---------------------------------------------------------------------------
     def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         if seq.mrope_positions is None:
@@ -83,8 +104,12 @@ class ModelRunner:
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[Sequence]]:
+    def execute(self, batch: list[ScheduledSeq],
+                kv_loads: list[Sequence] = ()) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; returns float32 logits [n_sampling, vocab] and their sequences."""
+        for seq in kv_loads:
+            self.write_kv(seq, seq.pending_kv)
+            seq.pending_kv = None
         batch = sorted(batch, key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
         bs = self.block_size
         ids, slots, positions = [], [], []

@@ -37,3 +37,5 @@ class RequestOutput:
     # What the last step added (for streaming); the full text/token_ids are in ``outputs``.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    # Prefill stage only: the first token is out and the KV waits for a decode worker.
+    prefill_done: bool = False

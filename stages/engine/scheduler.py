@@ -32,6 +32,8 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Sequences admitted with KV computed elsewhere: the runner writes it into their blocks first.
+    kv_loads: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -83,7 +85,9 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                if not seq.block_table:
+                if seq.pending_kv is not None:
+                    pass  # its prompt's KV arrives with it (num_computed_tokens already set)
+                elif not seq.block_table:
                     cached = self.blocks.match_prefix(seq)
                     seq.num_computed_tokens = cached
                     if seq.num_preemptions == 0:
@@ -95,8 +99,11 @@ class Scheduler:
                 if not self.blocks.allocate(seq, n):
                     # Hand the matched prefix back: a waiting sequence must not sit on blocks.
                     self.blocks.free(seq)
-                    seq.num_computed_tokens = 0
+                    if seq.pending_kv is None:
+                        seq.num_computed_tokens = 0
                     break
+                if seq.pending_kv is not None:
+                    out.kv_loads.append(seq)
                 self.waiting.popleft()
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
@@ -113,12 +120,17 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
-        """Release ``seq`` wherever it is (running, waiting) and mark it finished."""
+    def finish(self, seq: Sequence, reason: str | None, stop_reason=None, keep_blocks: bool = False) -> None:
+        """Release ``seq`` wherever it is (running, waiting) and mark it finished.
+
+        ``keep_blocks`` leaves its KV blocks allocated (a prefill handing over
+        to a decode worker); the caller frees them later.
+        """
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        if not keep_blocks:
+            self.blocks.free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -61,6 +61,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # KV of the first num_computed_tokens, computed by a prefill worker: [layers, 2, tokens, kv_heads, dim].
+    pending_kv: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
