@@ -1,0 +1,229 @@
+"""Every message on the epd bus, one dataclass each (``bus.codec`` puts them on the wire).
+
+Type ids: 1-19 worker -> router, 20-39 router -> worker, 40-59 client SDK <-> router,
+60+ control broadcasts. Tensors (KV, embeddings) never ride these messages between
+workers: they move through ``transfer/``; messages carry the keys and the holder's
+addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+from bus.codec import message, struct
+
+ROLES = ("encode", "prefill", "decode", "mixed")
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+@struct
+class WorkerInfo:
+    """What only the worker knows, announced once it is ready."""
+
+    worker_id: str
+    incarnation: str  # new on every start: a restarted worker is a new peer
+    role: str
+    model: str
+    device: str
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    is_multimodal: bool
+    transfer: dict[str, str]  # backend name -> address, plus "host_id"
+    pid: int
+
+
+@struct
+class ImageRef:
+    """An encoded image: where its embedding can be pulled from, and its shape in tokens."""
+
+    content_hash: str
+    num_tokens: int
+    grid_thw: list[int] | None
+    holder: dict[str, str]  # the encode worker's transfer addresses
+
+
+@struct
+class HandoffImage:
+    content_hash: str
+    offset: int
+    length: int
+    grid_thw: list[int] | None = None
+
+
+@struct
+class HandoffHeader:
+    """A prefilled request, minus its tensors (KV and embeddings wait at the holder)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: dict
+    prompt: str | None = None
+    images: list[HandoffImage] = field(default_factory=list)
+    sent_text_len: int = 0
+    num_cached_tokens: int = 0
+    cumulative_logprob: float | None = None
+    generator_state: bytes | None = None
+
+
+@struct
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@struct
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+# ---- worker -> router --------------------------------------------------------------------------
+@message(1)
+class WorkerReady:
+    info: WorkerInfo
+
+
+@message(2)
+class Heartbeat:
+    worker_id: str
+    incarnation: str
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    images_encoded: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+    transfer_pulls: dict[str, int] = field(default_factory=dict)
+
+
+@message(3)
+class TokenDelta:
+    """New output of one request (the whole of it when ``finish_reason`` is set)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
+@message(4)
+class EncodeDone:
+    request_id: str
+    images: list[ImageRef]
+
+
+@message(5)
+class PrefillDone:
+    """The prefill is over; KV (+ embeddings) wait at ``holder`` under ``kv_key``."""
+
+    request_id: str
+    header: HandoffHeader
+    kv_key: str
+    holder: dict[str, str]
+
+
+@message(6)
+class RequestFailed:
+    request_id: str
+    status: int  # HTTP status the client should see
+    message: str
+    type: str = "invalid_request_error"
+
+
+@message(7)
+class KvTaken:
+    """The decode worker holds the request's KV now: the prefill may drop its copy."""
+
+    request_id: str
+    kv_key: str
+
+
+# ---- router -> worker --------------------------------------------------------------------------
+@message(20)
+class EncodeRequest:
+    request_id: str
+    images: list[bytes]
+
+
+@message(21)
+class GenerateRequest:
+    """Run a request: to the end (mixed) or up to its first token (``prefill_only``)."""
+
+    request_id: str
+    sampling: dict
+    messages: list[dict] | None = None  # chat; image parts are {"type": "image"}
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    add_generation_prompt: bool = True
+    images: list[bytes] = field(default_factory=list)  # raw images, encoded here
+    image_refs: list[ImageRef] = field(default_factory=list)  # images encoded elsewhere
+    prefill_only: bool = False
+
+
+@message(22)
+class DecodeRequest:
+    request_id: str
+    header: HandoffHeader
+    kv_key: str
+    holder: dict[str, str]
+
+
+@message(23)
+class AbortRequest:
+    request_id: str
+
+
+@message(24)
+class ReleaseKv:
+    kv_key: str
+
+
+# ---- client SDK <-> router ---------------------------------------------------------------------
+@message(40)
+class ClientRequest:
+    """An OpenAI request body sent over ZeroMQ; validated exactly like the HTTP one."""
+
+    request_id: str
+    kind: str  # "chat" | "completion"
+    body: dict
+
+
+@message(41)
+class ClientAbort:
+    request_id: str
+
+
+@message(42)
+class ClientError:
+    request_id: str
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+
+
+@message(43)
+class HealthQuery:
+    pass
+
+
+@message(44)
+class HealthReply:
+    ready: bool
+    detail: dict[str, Any]
+
+
+# ---- control broadcasts (PUB/SUB) --------------------------------------------------------------
+@message(60)
+class Shutdown:
+    reason: str = ""

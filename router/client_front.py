@@ -1,0 +1,110 @@
+"""The router's ZeroMQ front for the client SDK (``bus.client``): OpenAI bodies in, deltas out.
+
+Requests are validated by the same code as the HTTP API and run through the
+same core; a client that vanishes is treated like an HTTP disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from bus import messages as m
+from bus.sockets import AsyncSocket, PeerGone
+from router.backend import ApiError, Backend
+from router.images import ImageResolver
+from router.limits import ApiLimits
+from router.openai_protocol import parse_chat, parse_completion
+
+log = logging.getLogger("epd.front")
+
+
+class ClientFront:
+    def __init__(self, backend: Backend, limits: ApiLimits):
+        self.backend, self.limits = backend, limits
+        self.resolver = ImageResolver(limits)
+        self.running: dict[str, asyncio.Task] = {}
+
+    async def start(self, address: str) -> None:
+        self.sock = AsyncSocket("router", address, bind=True)
+        self._task = asyncio.create_task(self._loop())
+
+    @property
+    def address(self) -> str:
+        return self.sock.address
+
+    async def close(self) -> None:
+        self._task.cancel()
+        for t in self.running.values():
+            t.cancel()
+        await self.resolver.close()
+        self.sock.close()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                ident, msg = await self.sock.recv()
+            except ValueError as e:
+                log.warning("dropping a malformed client message: %s", e)
+                continue
+            if isinstance(msg, m.ClientRequest):
+                task = asyncio.create_task(self._serve(ident, msg))
+                self.running[msg.request_id] = task
+                task.add_done_callback(lambda _t, rid=msg.request_id: self.running.pop(rid, None))
+            elif isinstance(msg, m.ClientAbort):
+                task = self.running.get(msg.request_id)
+                if task is not None:
+                    task.cancel()
+            elif isinstance(msg, m.HealthQuery):
+                ready, detail = self.backend.health()
+                await self._reply(ident, m.HealthReply(ready, detail))
+
+    async def _reply(self, ident: bytes, msg) -> None:
+        await self.sock.send(msg, to=ident)
+
+    async def _serve(self, ident: bytes, msg: m.ClientRequest) -> None:
+        rid = msg.request_id
+        started = False
+        try:
+            if not isinstance(msg.body, dict):
+                raise ApiError(400, "the request body must be an object")
+            if msg.kind == "chat":
+                parsed = await parse_chat(msg.body, self.backend.served_models, self.limits, self.resolver,
+                                          rid, time.time())
+            elif msg.kind == "completion":
+                parsed = parse_completion(msg.body, self.backend.served_models, self.limits, rid, time.time())
+            else:
+                raise ApiError(400, f"unknown request kind {msg.kind!r}; use 'chat' or 'completion'")
+            started = True
+            async for d in self.backend.generate(parsed.api):
+                await self._reply(ident, m.TokenDelta(
+                    rid, d.text, d.token_ids, d.finish_reason, None, d.prompt_tokens, d.completion_tokens,
+                    d.cached_tokens, _logprobs(d.logprobs)))
+                if d.finish_reason is not None:
+                    started = False
+        except ApiError as e:
+            started = False  # the backend cleaned up already
+            await self._reply_quiet(ident, m.ClientError(rid, e.status, e.message, e.type))
+        except (asyncio.CancelledError, PeerGone):
+            pass
+        except Exception as e:  # noqa: BLE001
+            log.exception("client request %s failed", rid)
+            await self._reply_quiet(ident, m.ClientError(rid, 500, f"internal error: {e}", "server_error"))
+        finally:
+            if started:  # the client aborted or vanished mid-request
+                await self.backend.abort(rid)
+
+    async def _reply_quiet(self, ident: bytes, msg) -> None:
+        try:
+            await self._reply(ident, msg)
+        except PeerGone:
+            pass
+
+
+def _logprobs(entries: list[dict] | None) -> list[m.TokenLogprob] | None:
+    if entries is None:
+        return None
+    return [m.TokenLogprob(e["token_id"], e["token"], e["logprob"],
+                           [m.TopLogprob(t["token_id"], t["token"], t["logprob"]) for t in e["top"]])
+            for e in entries]

@@ -1,0 +1,218 @@
+"""``epd-serve``: a whole deployment on one host - the router and its workers as processes.
+
+    epd-serve [--config configs/1e1p1d.yaml] [--model DIR] [--host 127.0.0.1] [--port 8000]
+
+Prints the URL once ``GET /health`` answers 200 (every configured worker has
+registered) and stops every process on Ctrl-C or SIGTERM. With no model it
+builds the tiny LLaVA (random weights, local tokenizer) and serves it in
+1e1p1d. This module only starts processes: it imports neither torch nor stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "1e1p1d.yaml"
+ENGINE_FLAGS = {"dtype": "--dtype", "device": "--device", "kv_cache_memory_gb": "--kv-cache-memory-gb",
+                "num_kv_blocks": "--num-kv-blocks", "max_num_seqs": "--max-num-seqs", "block_size": "--block-size",
+                "max_num_batched_tokens": "--max-num-batched-tokens", "max_model_len": "--max-model-len",
+                "load_format": "--load-format", "threads": "--threads"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def default_model() -> Path:
+    out = Path(os.environ.get("EPD_CACHE", Path.home() / ".cache" / "epd")) / "models" / "llava-tiny"
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "stages.models.make_model", "--family", "llava", "--size", "tiny",
+                        "--seed", "0", "--out", str(out)], check=True, cwd=ROOT)
+    return out
+
+
+def load_config(path: str | Path) -> dict:
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    if not cfg.get("workers"):
+        raise ValueError(f"{path}: a deployment needs a 'workers' list")
+    for w in cfg["workers"]:
+        if w.get("role") not in ("encode", "prefill", "decode", "mixed"):
+            raise ValueError(f"{path}: worker role must be encode, prefill, decode or mixed, got {w.get('role')!r}")
+    return cfg
+
+
+class Deployment:
+    """Router + workers as child processes; ``start()`` returns once ``/health`` is 200."""
+
+    def __init__(self, config: dict, model: str | Path, host: str = "127.0.0.1", port: int | None = None,
+                 log_dir: str | Path | None = None, transfer: str | None = None, extra_router_args=()):
+        self.cfg, self.model, self.host = config, str(model), host
+        self.port = port or free_port(host)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.transfer = transfer or (config.get("transfer") or {}).get("backend", "auto")
+        self.name = config.get("served_model_name") or Path(self.model).name
+        self.worker_addr = f"tcp://{host}:{free_port(host)}"
+        self.control_addr = f"tcp://{host}:{free_port(host)}"
+        self.client_addr = f"tcp://{host}:{free_port(host)}"
+        self.extra_router_args = list(extra_router_args)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> None:
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "wb")
+        self.procs[name] = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def _workers(self) -> list[tuple[str, list[str]]]:
+        engine = dict(self.cfg.get("engine") or {})
+        n_total = sum(int(w.get("count", 1)) for w in self.cfg["workers"])
+        engine.setdefault("threads", max(1, (os.cpu_count() or 1) // n_total))
+        out = []
+        for w in self.cfg["workers"]:
+            for i in range(int(w.get("count", 1))):
+                opts = {**engine, **{k: v for k, v in w.items() if k in ENGINE_FLAGS}}
+                devices = w.get("devices")
+                if devices:
+                    opts["device"] = devices[i % len(devices)]
+                wid = f"{w['role']}-{i}"
+                argv = [sys.executable, "-m", "stages.worker", "--role", w["role"], "--model", self.model,
+                        "--router", self.worker_addr, "--control", self.control_addr, "--worker-id", wid,
+                        "--host", self.host, "--transfer", self.transfer]
+                for key, flag in ENGINE_FLAGS.items():
+                    if opts.get(key) is not None:
+                        argv += [flag, str(opts[key])]
+                out.append((wid, argv))
+        return out
+
+    def start(self, timeout: float = 180.0) -> str:
+        workers = self._workers()
+        expect = {}
+        for w in self.cfg["workers"]:
+            expect[w["role"]] = expect.get(w["role"], 0) + int(w.get("count", 1))
+        policy = (self.cfg.get("router") or {}).get("policy", "least_loaded")
+        self._spawn("router", [sys.executable, "-m", "router.server", "--served-model-name", self.name,
+                               "--host", self.host, "--port", str(self.port), "--worker-addr", self.worker_addr,
+                               "--control-addr", self.control_addr, "--client-addr", self.client_addr,
+                               "--expect", ",".join(f"{r}={n}" for r, n in expect.items()),
+                               "--policy", policy, *self.extra_router_args])
+        for wid, argv in workers:
+            self._spawn(wid, argv, {"OMP_NUM_THREADS": str(self.cfg.get("engine", {}).get("threads") or
+                                                            argv[argv.index("--threads") + 1])})
+        deadline, detail = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"{name} exited with code {p.returncode} during start-up{self._tail(name)}")
+            ok, detail = self.health()
+            if ok:
+                return self.url
+            time.sleep(0.5)
+        self.stop()
+        missing = detail.get("missing") if isinstance(detail, dict) else None
+        raise TimeoutError(f"the deployment was not ready after {timeout:.0f} s; workers not registered: "
+                           f"{missing or 'unknown (router not answering)'}")
+
+    def health(self) -> tuple[bool, dict]:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            try:
+                return False, json.loads(e.read() or b"{}")
+            except ValueError:
+                return False, {}
+        except (OSError, ValueError):
+            return False, {}
+
+    def _tail(self, name: str, n: int = 3000) -> str:
+        if self.log_dir is None:
+            return ""
+        text = (self.log_dir / f"{name}.log").read_text(errors="replace")
+        return f"; its log ends:\n{text[-n:]}"
+
+    def kill(self, name: str) -> None:
+        """Kill one process outright (fault tests)."""
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM everything, then SIGKILL what has not exited within ``grace`` seconds."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def __enter__(self) -> "Deployment":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="epd-serve", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--model", help="model directory (overrides the config's)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--transfer", choices=["auto", "shm", "zmq", "ucx"], help="override the config's backend")
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    model = args.model or cfg.get("model") or default_model()
+    dep = Deployment(cfg, model, args.host, args.port, transfer=args.transfer)
+    stopping = []
+
+    def on_signal(signum, _frame):
+        stopping.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        url = dep.start(args.timeout)
+        print(f"epd is serving {dep.name} at {url}  (SDK: {dep.client_addr})", flush=True)
+        while True:
+            for name, p in dep.procs.items():
+                if p.poll() is not None:
+                    print(f"{name} exited with code {p.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        dep.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

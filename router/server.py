@@ -1,0 +1,97 @@
+"""``epd-router``: the router, its HTTP API and its SDK front in one light process (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from router.api import make_app
+from router.client_front import ClientFront
+from router.core import RouterCore
+from router.limits import ApiLimits
+from router.metrics import ApiMetrics
+from router.policy import POLICIES, make_policy
+from router.worker_metrics import WorkerMetrics
+
+log = logging.getLogger("epd.router")
+
+
+def parse_expect(spec: str) -> dict[str, int]:
+    """``encode=1,prefill=1,decode=1`` -> {"encode": 1, ...}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        role, _, n = part.partition("=")
+        if role not in ("encode", "prefill", "decode", "mixed") or not n.isdigit():
+            raise ValueError(f"bad --expect entry {part!r}; use role=count with roles encode/prefill/decode/mixed")
+        out[role] = int(n)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="epd-router", description=__doc__)
+    ap.add_argument("--served-model-name", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--worker-addr", default="tcp://127.0.0.1:7100", help="workers connect here")
+    ap.add_argument("--control-addr", default="tcp://127.0.0.1:7101", help="control broadcasts (PUB)")
+    ap.add_argument("--client-addr", default="tcp://127.0.0.1:7102", help="ZeroMQ SDK clients connect here")
+    ap.add_argument("--expect", default="", help="workers /health waits for, e.g. encode=1,prefill=1,decode=1")
+    ap.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES))
+    ap.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    ap.add_argument("--max-body-mb", type=float, default=32)
+    ap.add_argument("--max-images", type=int, default=8)
+    ap.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    ap.add_argument("--remote-images", default="off", choices=["off", "allowlist", "any"])
+    ap.add_argument("--allowed-domains", default="", help="comma-separated, with --remote-images allowlist")
+    ap.add_argument("--log-level", default="INFO")
+    return ap.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    limits = ApiLimits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_images_per_request=args.max_images,
+                       max_image_pixels=args.max_image_pixels, remote_images=args.remote_images,
+                       allowed_domains=tuple(d for d in args.allowed_domains.split(",") if d))
+    api_metrics = ApiMetrics()
+    core = RouterCore([args.served_model_name], make_policy(args.policy), parse_expect(args.expect),
+                      args.heartbeat_timeout, WorkerMetrics(api_metrics))
+    await core.start(args.worker_addr, args.control_addr)
+    front = ClientFront(core, limits)
+    await front.start(args.client_addr)
+    runner = web.AppRunner(make_app(core, limits, api_metrics), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    log.info("router up: http://%s:%d  workers %s  clients %s", args.host, args.port, args.worker_addr,
+             args.client_addr)
+    await stop.wait()
+    await runner.cleanup()
+    await front.close()
+    await core.close(shutdown_workers=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s router %(levelname)s %(message)s")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def run():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(args, stop)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

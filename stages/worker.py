@@ -1,0 +1,270 @@
+"""``epd-stage``: one stage worker (encode, prefill, decode or mixed) on the bus.
+
+The worker connects a DEALER to the router, announces itself (WorkerReady:
+role, KV geometry, transfer addresses, an incarnation id), heartbeats its
+load, and serves what the router sends. The engine runs in its own thread;
+this asyncio loop only moves messages and bytes. Every role loads the full
+model, so a later role switch needs no reload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import uuid
+
+import torch
+
+from bus import messages as m
+from bus.sampling_params import SamplingParams
+from bus.sockets import AsyncSocket
+from stages.engine.config import EngineConfig
+from stages.engine.handoff import Handoff, HandoffImage
+from stages.engine.input_processor import PreparedImage
+from stages.engine.llm_engine import LLMEngine
+from stages.engine.outputs import RequestOutput
+from stages.engine_thread import EngineThread
+from stages.wire import handoff_header, output_to_delta
+from transfer.select import make_backend
+
+log = logging.getLogger("epd.stage")
+HEARTBEAT_S = 1.0
+PULL_TIMEOUT_S = 30.0
+
+
+class StageWorker:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.role = args.role
+        self.worker_id = args.worker_id or f"{args.role}-{uuid.uuid4().hex[:8]}"
+        self.incarnation = uuid.uuid4().hex
+        self.done = asyncio.Event()
+        self.embed_keys: dict[str, int] = {}  # encode role: published embeddings -> bytes (LRU order)
+
+    # ---- start-up ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        a = self.args
+        cfg = EngineConfig(model=a.model, dtype=a.dtype, device=a.device, load_format=a.load_format,
+                           block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
+                           kv_cache_memory_gb=a.kv_cache_memory_gb, max_model_len=a.max_model_len,
+                           max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                           enable_prefix_caching=not a.no_prefix_caching)
+        self.engine = LLMEngine(cfg)
+        self.loop = asyncio.get_running_loop()
+        self.transfer = make_backend(a.transfer, a.host)
+        await self.transfer.start()
+        self.sock = AsyncSocket("dealer", a.router, bind=False, identity=self.worker_id.encode())
+        self.threads = EngineThread(self.engine, self.loop, self._on_outputs)
+        self.threads.start()
+        eng = self.engine
+        info = m.WorkerInfo(self.worker_id, self.incarnation, self.role, a.model, str(eng.device),
+                            eng.max_model_len, eng.runner.num_blocks, cfg.block_size,
+                            bool(eng.runner.model.is_multimodal), self.transfer.card, os.getpid())
+        await self.sock.send(m.WorkerReady(info))
+        log.info("%s ready (%s on %s)", self.worker_id, self.role, eng.device)
+        tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeats())]
+        if a.control:
+            self.sub = AsyncSocket("sub", a.control, bind=False)
+            tasks.append(asyncio.create_task(self._control_loop()))
+        await self.done.wait()
+        for t in tasks:
+            t.cancel()
+        self.threads.stop()
+        await self.transfer.close()
+        self.sock.close()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    # ---- loops ------------------------------------------------------------------------------
+    async def _heartbeats(self) -> None:
+        eng = self.engine
+        while True:
+            blocks, sched = eng.blocks, eng.scheduler
+            await self.sock.send(m.Heartbeat(
+                self.worker_id, self.incarnation, len(sched.running), len(sched.waiting),
+                blocks.num_used_blocks, blocks.num_blocks, eng.runner.num_images_encoded,
+                blocks.prefix_hits, blocks.prefix_queries, dict(self.transfer.pulls_by_backend)))
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _control_loop(self) -> None:
+        while True:
+            _, msg = await self.sub.recv()
+            if isinstance(msg, m.Shutdown):
+                log.info("shutdown broadcast: %s", msg.reason)
+                self.stop()
+
+    async def _recv_loop(self) -> None:
+        handlers = {m.GenerateRequest: self._generate, m.EncodeRequest: self._encode,
+                    m.DecodeRequest: self._decode, m.AbortRequest: self._abort, m.ReleaseKv: self._release}
+        while True:
+            _, msg = await self.sock.recv()
+            handler = handlers.get(type(msg))
+            if handler is None:
+                log.warning("ignoring unexpected %s", type(msg).__name__)
+                continue
+            asyncio.create_task(self._guard(handler, msg))
+
+    async def _guard(self, handler, msg) -> None:
+        """Run a handler; any failure becomes a precise RequestFailed for that request alone."""
+        rid = getattr(msg, "request_id", None)
+        try:
+            await handler(msg)
+        except ValueError as e:  # bad input: the client's fault
+            await self._fail(rid, 400, str(e))
+        except Exception as e:  # noqa: BLE001 - reported, never fatal to the worker
+            log.exception("request %s failed", rid)
+            await self._fail(rid, 500 if not _is_transfer_error(e) else 503, f"{type(e).__name__}: {e}",
+                             "internal_error")
+
+    async def _fail(self, rid: str | None, status: int, message: str, kind: str = "invalid_request_error"):
+        if rid is not None:
+            await self.sock.send(m.RequestFailed(rid, status, message, kind))
+
+    # ---- handlers ---------------------------------------------------------------------------
+    async def _generate(self, msg: m.GenerateRequest) -> None:
+        images: list = list(msg.images)
+        if msg.image_refs:
+            images = await asyncio.gather(*(self._pull_embedding(r) for r in msg.image_refs))
+        if msg.messages is not None:
+            prompt = self.engine.inputs.render_chat(msg.messages, msg.add_generation_prompt)
+            n_parts = len(prompt["multi_modal_data"]["image"])
+            if n_parts != len(images):
+                raise ValueError(f"the messages hold {n_parts} image part(s) but {len(images)} image(s) came")
+            prompt["multi_modal_data"]["image"] = images
+        elif msg.prompt_token_ids is not None:
+            prompt = {"prompt_token_ids": msg.prompt_token_ids, "multi_modal_data": {"image": images}}
+        elif msg.prompt is not None:
+            prompt = {"prompt": msg.prompt, "multi_modal_data": {"image": images}}
+        else:
+            raise ValueError("the request has no messages, prompt or prompt_token_ids")
+        params = SamplingParams.from_dict(msg.sampling)
+        await self.threads.call(lambda e: e.add_request(msg.request_id, prompt, params,
+                                                        prefill_only=msg.prefill_only))
+
+    async def _pull_embedding(self, ref: m.ImageRef) -> PreparedImage:
+        (emb,) = await self.transfer.pull(ref.holder, f"emb/{ref.content_hash}", timeout=PULL_TIMEOUT_S,
+                                          device=str(self.engine.device))
+        grid = tuple(ref.grid_thw) if ref.grid_thw else None
+        return PreparedImage(ref.content_hash, ref.num_tokens, grid, emb)
+
+    async def _encode(self, msg: m.EncodeRequest) -> None:
+        prepared = await self.threads.call(lambda e: e.encode_images(msg.images))
+        refs = []
+        for p in prepared:
+            self._publish_embedding(p)
+            refs.append(m.ImageRef(p.content_hash, p.num_tokens, list(p.grid_thw) if p.grid_thw else None,
+                                   self.transfer.card))
+        await self.sock.send(m.EncodeDone(msg.request_id, refs))
+
+    def _publish_embedding(self, p: PreparedImage) -> None:
+        """Keep encoded embeddings pullable under their content hash, within a byte budget (LRU)."""
+        key = f"emb/{p.content_hash}"
+        size = p.embedding.numel() * p.embedding.element_size()
+        if key in self.embed_keys:
+            self.embed_keys[key] = self.embed_keys.pop(key)  # most recently used
+            return
+        self.transfer.put(key, [p.embedding])
+        self.embed_keys[key] = size
+        budget = self.engine.config.encoder_cache_mb << 20
+        while sum(self.embed_keys.values()) > budget and len(self.embed_keys) > 1:
+            old = next(iter(self.embed_keys))
+            del self.embed_keys[old]
+            self.transfer.drop(old)
+
+    async def _decode(self, msg: m.DecodeRequest) -> None:
+        tensors = await self.transfer.pull(msg.holder, msg.kv_key, timeout=PULL_TIMEOUT_S,
+                                           device=str(self.engine.device))
+        await self.sock.send(m.KvTaken(msg.request_id, msg.kv_key))
+        h = msg.header
+        handoff = Handoff(msg.request_id, h.prompt_token_ids, h.output_token_ids, h.params, h.prompt,
+                          [HandoffImage(i.content_hash, i.offset, i.length,
+                                        tuple(i.grid_thw) if i.grid_thw else None) for i in h.images],
+                          h.sent_text_len, h.num_cached_tokens, h.cumulative_logprob, h.generator_state,
+                          tensors[0], list(tensors[1:]))
+        await self.threads.call(lambda e: e.add_prefilled(handoff))
+
+    async def _abort(self, msg: m.AbortRequest) -> None:
+        await self.threads.call(lambda e: e.abort_request(msg.request_id))
+        self.transfer.drop(f"kv/{msg.request_id}")
+
+    async def _release(self, msg: m.ReleaseKv) -> None:
+        self.transfer.drop(msg.kv_key)
+
+    # ---- engine outputs (called on the event loop) --------------------------------------------
+    def _on_outputs(self, outs: list[RequestOutput] | None, handoffs: dict[str, Handoff] | None) -> None:
+        if outs is None:  # the engine thread died
+            log.error("engine failed: %s; worker exits", self.threads.fatal)
+            self.stop()
+            return
+        asyncio.create_task(self._send_outputs(outs, handoffs or {}))
+
+    async def _send_outputs(self, outs: list[RequestOutput], handoffs: dict[str, Handoff]) -> None:
+        for out in outs:
+            await self.sock.send(output_to_delta(out, self.engine.tokenizer))
+            h = handoffs.get(out.request_id)
+            if h is not None:
+                key = f"kv/{out.request_id}"
+                self.transfer.put(key, [h.kv, *h.image_embeddings])
+                await self.sock.send(m.PrefillDone(out.request_id, handoff_header(h), key,
+                                                   self.transfer.card))
+
+
+def _is_transfer_error(e: Exception) -> bool:
+    from transfer.base import TransferError
+
+    return isinstance(e, TransferError)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="epd-stage", description="Run one epd stage worker.")
+    ap.add_argument("--role", required=True, choices=m.ROLES)
+    ap.add_argument("--model", required=True, help="local HF-format model directory")
+    ap.add_argument("--router", required=True, help="the router's worker address, e.g. tcp://127.0.0.1:7100")
+    ap.add_argument("--control", help="the router's control (PUB) address")
+    ap.add_argument("--worker-id")
+    ap.add_argument("--host", default="127.0.0.1", help="address this worker's transfer server binds")
+    ap.add_argument("--transfer", default="auto", choices=["auto", "shm", "zmq", "ucx"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-kv-blocks", type=int)
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--log-level", default="INFO")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.role} %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    worker = StageWorker(args)
+
+    async def runner():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    asyncio.run(runner())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
