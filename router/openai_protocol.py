@@ -1,0 +1,320 @@
+"""OpenAI request bodies -> `ApiRequest`, and `ApiDelta`s -> OpenAI responses / SSE chunks.
+
+Validation errors are `ApiError(400, ..., param=<field path>)`; sampling fields go
+through `SamplingParams`, whose messages name the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bus.sampling_params import MAX_LOGPROBS, SamplingParams
+from router.backend import ApiDelta, ApiError, ApiRequest
+from router.images import ImageResolver
+from router.limits import ApiLimits
+
+# Passed to SamplingParams as given (null means "default"); it checks types and ranges.
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "min_tokens", "stop",
+                    "stop_token_ids", "ignore_eos", "include_stop_str_in_output",
+                    "skip_special_tokens", "spaces_between_special_tokens")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to "until done"
+# vLLM's stand-in for -inf: JSON has no infinities.
+_MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class ParsedRequest:
+    """A validated request plus the response options that stay in the HTTP layer."""
+
+    api: ApiRequest
+    include_usage: bool = False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bad(param: str, expected: str, value: Any) -> ApiError:
+    return ApiError(400, f"{param} must be {expected}, got {_short(value)}", param=param)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _common(body: dict, served_models: list[str]) -> tuple[str, bool, bool]:
+    """model, stream, include_usage; refuses OpenAI features this server lacks."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", "a model name (string)", model)
+    if model not in served_models:
+        raise ApiError(404, f"The model `{model}` does not exist. Served models: "
+                            f"{', '.join(served_models)}", param="model", code="model_not_found")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _bad("stream", "a boolean", stream)
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true",
+                           param="stream_options")
+        if not isinstance(options, dict):
+            raise _bad("stream_options", "an object", options)
+        include_usage = options.get("include_usage") or False
+        if not isinstance(include_usage, bool):
+            raise _bad("stream_options.include_usage", "a boolean", include_usage)
+    unsupported = {"echo": body.get("echo") not in (None, False),
+                   "best_of": body.get("best_of") not in (None, 1),
+                   "suffix": body.get("suffix") not in (None, ""),
+                   "tools": bool(body.get("tools")),
+                   "logit_bias": bool(body.get("logit_bias")),
+                   "response_format": body.get("response_format") not in (None, {"type": "text"})}
+    for name, used in unsupported.items():
+        if used:
+            raise ApiError(400, f"{name} is not supported by this server", param=name)
+    return model, stream, include_usage
+
+
+def _sampling(body: dict, kind: str, limits: ApiLimits) -> dict:
+    kwargs = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+    name = "max_tokens"
+    if kind == "chat" and body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"  # the newer name wins, as in vLLM
+    max_tokens = body.get(name)
+    if max_tokens is None:
+        max_tokens = _COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "completion" else None
+    elif not _is_int(max_tokens):
+        raise _bad(name, "an integer", max_tokens)
+    elif max_tokens < 1:
+        raise ApiError(400, f"{name} must be at least 1, got {max_tokens}", param=name)
+    if limits.max_tokens_cap is not None:
+        max_tokens = min(max_tokens or limits.max_tokens_cap, limits.max_tokens_cap)
+    kwargs["max_tokens"] = max_tokens
+
+    logprobs = body.get("logprobs")
+    if kind == "chat":
+        top = body.get("top_logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise _bad("logprobs", "a boolean", logprobs)
+        if top is not None:
+            if not _is_int(top) or not 0 <= top <= MAX_LOGPROBS:
+                raise _bad("top_logprobs", f"an integer in [0, {MAX_LOGPROBS}]", top)
+            if not logprobs:
+                raise ApiError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        kwargs["logprobs"] = (top or 0) if logprobs else None
+    elif logprobs is not None and logprobs is not False:
+        kwargs["logprobs"] = logprobs
+    try:
+        return SamplingParams(**kwargs).to_dict()
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), param=field if field in body else None) from None
+
+
+def _content(content: Any, param: str, images: list[tuple[Any, str]]) -> str | list[dict]:
+    """Normalised content; appends (image ref, param) for each image part."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad(param, "a string or a list of content parts", content)
+    parts: list[dict] = []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"{where}.text", "a string", part.get("text"))
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind in ("image_url", "image"):
+            ref = part.get("image_url") if kind == "image_url" else (
+                part.get("image") or part.get("url") or part.get("image_url"))
+            images.append((ref, where))
+            parts.append({"type": "image"})
+        elif isinstance(part, dict):
+            raise ApiError(400, f"{where}: unsupported content part type {kind!r} "
+                                f"(text, image_url)", param=where)
+        else:
+            raise _bad(where, "a content part object", part)
+    return parts
+
+
+def _messages(body: dict) -> tuple[list[dict], list[tuple[Any, str]]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "a non-empty list of messages", messages)
+    out: list[dict] = []
+    images: list[tuple[Any, str]] = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _bad(where, "a message object", msg)
+        role = msg.get("role")
+        if role not in _ROLES:
+            raise _bad(f"{where}.role", f"one of {', '.join(_ROLES)}", role)
+        content = msg.get("content")
+        if content is None and role != "assistant":  # assistant turns may be content-less
+            raise ApiError(400, f"{where}.content is required", param=f"{where}.content")
+        norm = {"role": "system" if role == "developer" else role,
+                "content": "" if content is None else _content(content, f"{where}.content", images)}
+        for key in ("name", "tool_call_id"):
+            if isinstance(msg.get(key), str):
+                norm[key] = msg[key]
+        out.append(norm)
+    return out, images
+
+
+async def parse_chat(body: dict, served_models: list[str], limits: ApiLimits,
+                     resolver: ImageResolver, request_id: str,
+                     arrival_time: float = 0.0) -> ParsedRequest:
+    """Validate a /v1/chat/completions body; fetch and check its images (in order)."""
+    model, stream, include_usage = _common(body, served_models)
+    messages, refs = _messages(body)
+    sampling = _sampling(body, "chat", limits)
+    agp = body.get("add_generation_prompt", True)
+    if not isinstance(agp, bool):
+        raise _bad("add_generation_prompt", "a boolean", agp)
+    if len(refs) > limits.max_images_per_request:
+        raise ApiError(400, f"at most {limits.max_images_per_request} images per request, "
+                            f"got {len(refs)}", param="messages")
+    # Counted before anything is fetched or decoded.
+    images = [await resolver.resolve(ref, i, where) for i, (ref, where) in enumerate(refs)]
+    req = ApiRequest(request_id=request_id, model=model, kind="chat", messages=messages,
+                     prompt=None, prompt_token_ids=None, images=images, sampling=sampling,
+                     stream=stream, add_generation_prompt=agp, arrival_time=arrival_time)
+    return ParsedRequest(req, include_usage)
+
+
+def _prompt(body: dict) -> tuple[str | None, list[int] | None]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(_is_int(t) for t in prompt):
+        if len(prompt) > 1:
+            raise ApiError(400, "batched prompts are not supported; send one prompt per "
+                                "request", param="prompt")
+        prompt = prompt[0]  # [str] or [[ids]]: one prompt wrapped in a batch
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        return None, list(prompt)
+    raise _bad("prompt", "a string or a non-empty list of token ids (integers >= 0)", prompt)
+
+
+def parse_completion(body: dict, served_models: list[str], limits: ApiLimits,
+                     request_id: str, arrival_time: float = 0.0) -> ParsedRequest:
+    """Validate a /v1/completions body."""
+    model, stream, include_usage = _common(body, served_models)
+    prompt, prompt_ids = _prompt(body)
+    sampling = _sampling(body, "completion", limits)
+    req = ApiRequest(request_id=request_id, model=model, kind="completion", messages=None,
+                     prompt=prompt, prompt_token_ids=prompt_ids, images=[], sampling=sampling,
+                     stream=stream, arrival_time=arrival_time)
+    return ParsedRequest(req, include_usage)
+
+
+# ---- responses ---------------------------------------------------------------------------
+
+def _logprob(value: float) -> float:
+    return max(value, _MIN_LOGPROB) if math.isfinite(value) else _MIN_LOGPROB
+
+
+class ResponseBuilder:
+    """Builds one request's response body, or its SSE chunks one delta at a time."""
+
+    def __init__(self, parsed: ParsedRequest, created: int | None = None):
+        req = parsed.api
+        self.chat = req.kind == "chat"
+        self.include_usage = parsed.include_usage
+        self.want_logprobs = req.sampling.get("logprobs") is not None
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + req.request_id
+        self.model = req.model
+        self.created = int(time.time()) if created is None else created
+        self._sent_role = False
+        self._text_offset = 0  # completions' text_offset runs across chunks
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _logprobs(self, entries: list[dict] | None) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        entries = entries or []
+        if self.chat:
+            def one(e: dict) -> dict:
+                return {"token": e["token"], "logprob": _logprob(e["logprob"]),
+                        "bytes": list(e["token"].encode("utf-8"))}
+            return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.get("top", [])]}
+                                for e in entries]}
+        offsets = []
+        for e in entries:
+            offsets.append(self._text_offset)
+            self._text_offset += len(e["token"])
+        return {"tokens": [e["token"] for e in entries],
+                "token_logprobs": [_logprob(e["logprob"]) for e in entries],
+                "top_logprobs": [{t["token"]: _logprob(t["logprob"]) for t in e.get("top", [])}
+                                 for e in entries],
+                "text_offset": offsets}
+
+    @staticmethod
+    def usage(delta: ApiDelta) -> dict:
+        return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
+                "total_tokens": delta.prompt_tokens + delta.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": delta.cached_tokens}}
+
+    def chunk(self, delta: ApiDelta) -> dict | None:
+        """The SSE chunk for one delta; None when it carries nothing to show."""
+        if not (delta.text or delta.logprobs or delta.finish_reason):
+            return None
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["delta"] = {"content": delta.text} if delta.text else {}
+            if not self._sent_role:  # the first chunk says who speaks
+                choice["delta"] = {"role": "assistant", "content": delta.text}
+                self._sent_role = True
+        else:
+            choice["text"] = delta.text
+        choice["logprobs"] = self._logprobs(delta.logprobs)
+        choice["finish_reason"] = delta.finish_reason
+        out = {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
+               "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = None  # OpenAI: null on every chunk but the usage one
+        return out
+
+    def usage_chunk(self, last: ApiDelta) -> dict:
+        """The chunk after the last one when stream_options.include_usage is set."""
+        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
+                "choices": [], "usage": self.usage(last)}
+
+    def response(self, deltas: list[ApiDelta]) -> dict:
+        """The non-streaming body for all of a request's deltas (usually one)."""
+        last = deltas[-1]
+        text = "".join(d.text for d in deltas)
+        entries = [e for d in deltas for e in (d.logprobs or [])]
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = self._logprobs(entries)
+        choice["finish_reason"] = last.finish_reason
+        return {**self._head("chat.completion" if self.chat else "text_completion"),
+                "choices": [choice], "usage": self.usage(last)}
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON; NaN/inf are refused rather than sent as invalid JSON."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sse_event(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
