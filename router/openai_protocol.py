@@ -34,6 +34,8 @@ class ParsedRequest:
 
     api: ApiRequest
     include_usage: bool = False
+    # vLLM's extension: each choice also carries the generated token ids.
+    return_token_ids: bool = False
 
 
 def _short(value: Any) -> str:
@@ -189,7 +191,14 @@ async def parse_chat(body: dict, served_models: list[str], limits: ApiLimits,
     req = ApiRequest(request_id=request_id, model=model, kind="chat", messages=messages,
                      prompt=None, prompt_token_ids=None, images=images, sampling=sampling,
                      stream=stream, add_generation_prompt=agp, arrival_time=arrival_time)
-    return ParsedRequest(req, include_usage)
+    return ParsedRequest(req, include_usage, _flag(body, "return_token_ids"))
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise _bad(name, "a boolean", value)
+    return value
 
 
 def _prompt(body: dict) -> tuple[str | None, list[int] | None]:
@@ -215,7 +224,7 @@ def parse_completion(body: dict, served_models: list[str], limits: ApiLimits,
     req = ApiRequest(request_id=request_id, model=model, kind="completion", messages=None,
                      prompt=prompt, prompt_token_ids=prompt_ids, images=[], sampling=sampling,
                      stream=stream, arrival_time=arrival_time)
-    return ParsedRequest(req, include_usage)
+    return ParsedRequest(req, include_usage, _flag(body, "return_token_ids"))
 
 
 # ---- responses ---------------------------------------------------------------------------
@@ -232,6 +241,8 @@ class ResponseBuilder:
         self.chat = req.kind == "chat"
         self.include_usage = parsed.include_usage
         self.want_logprobs = req.sampling.get("logprobs") is not None
+        self.top_n = req.sampling.get("logprobs") or 0  # workers may send more; the client asked for these
+        self.token_ids = parsed.return_token_ids
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + req.request_id
         self.model = req.model
         self.created = int(time.time()) if created is None else created
@@ -249,7 +260,7 @@ class ResponseBuilder:
             def one(e: dict) -> dict:
                 return {"token": e["token"], "logprob": _logprob(e["logprob"]),
                         "bytes": list(e["token"].encode("utf-8"))}
-            return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.get("top", [])]}
+            return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.get("top", [])[:self.top_n]]}
                                 for e in entries]}
         offsets = []
         for e in entries:
@@ -257,7 +268,7 @@ class ResponseBuilder:
             self._text_offset += len(e["token"])
         return {"tokens": [e["token"] for e in entries],
                 "token_logprobs": [_logprob(e["logprob"]) for e in entries],
-                "top_logprobs": [{t["token"]: _logprob(t["logprob"]) for t in e.get("top", [])}
+                "top_logprobs": [{t["token"]: _logprob(t["logprob"]) for t in e.get("top", [])[:self.top_n]}
                                  for e in entries],
                 "text_offset": offsets}
 
@@ -269,7 +280,7 @@ class ResponseBuilder:
 
     def chunk(self, delta: ApiDelta) -> dict | None:
         """The SSE chunk for one delta; None when it carries nothing to show."""
-        if not (delta.text or delta.logprobs or delta.finish_reason):
+        if not (delta.text or delta.logprobs or delta.finish_reason or (self.token_ids and delta.token_ids)):
             return None
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
@@ -281,6 +292,8 @@ class ResponseBuilder:
             choice["text"] = delta.text
         choice["logprobs"] = self._logprobs(delta.logprobs)
         choice["finish_reason"] = delta.finish_reason
+        if self.token_ids:
+            choice["token_ids"] = list(delta.token_ids)
         out = {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
                "choices": [choice]}
         if self.include_usage:
@@ -304,6 +317,8 @@ class ResponseBuilder:
             choice["text"] = text
         choice["logprobs"] = self._logprobs(entries)
         choice["finish_reason"] = last.finish_reason
+        if self.token_ids:
+            choice["token_ids"] = [t for d in deltas for t in d.token_ids]
         return {**self._head("chat.completion" if self.chat else "text_completion"),
                 "choices": [choice], "usage": self.usage(last)}
 
