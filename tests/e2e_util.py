@@ -1,0 +1,62 @@
+"""Shared pieces of the end-to-end tests: deployments, request bodies, references."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+from router.serve import ROOT, Deployment, load_config
+
+CONFIGS = ["aggregated", "1p1d", "1e1p1d", "2e1p1d"]
+MAX_TOKENS = 12
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(img) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+
+
+def chat_cases(images, n: int = 16) -> list[tuple[str, list]]:
+    """``n`` (text, images) pairs with 0-3 images of different sizes."""
+    texts = ["What is in this picture?", "Describe the colours", "Count the objects", "Hello there",
+             "Tell me a story about rivers", "Why is the sky blue?", "Compare these", "A B C D"]
+    out = []
+    for i in range(n):
+        k = i % 4
+        out.append((f"{texts[i % len(texts)]} #{i}", [images[(i + j) % len(images)] for j in range(k)]))
+    return out
+
+
+def chat_body(model: str, text: str, imgs: list, **extra) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in imgs]
+    content.append({"type": "text", "text": text})
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, **extra}
+
+
+def reference(model_dir: str, text: str, imgs: list) -> list[int]:
+    """transformers' greedy tokens for the chat the server renders."""
+    from tests.hf_reference import hf_greedy, load_hf
+
+    _, tok, _ = load_hf(model_dir)
+    conv = [{"role": "user", "content": [{"type": "image"} for _ in imgs] + [{"type": "text", "text": text}]}]
+    prompt = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    return hf_greedy(model_dir, ids, MAX_TOKENS, imgs)
+
+
+def start(config: str, model_dir: str, log_dir, **kw) -> Deployment:
+    dep = Deployment(load_config(ROOT / "configs" / f"{config}.yaml"), model_dir, log_dir=log_dir, **kw)
+    dep.start(timeout=240)
+    return dep
+
+
+def kv_blocks_used(metrics_text: str) -> int:
+    return int(sum(float(v) for v in re.findall(r'^epd:kv_cache_blocks_used\{[^}]*\} ([0-9.e+]+)$',
+                                                 metrics_text, re.M)))

@@ -1,0 +1,142 @@
+"""End to end: real processes for each shipped config, real clients, tokens equal transformers'.
+
+Each config is brought up once (router + workers as processes, as ``epd-serve``
+does) and fed 16 concurrent chat requests with 0-3 images through aiohttp,
+the official ``openai`` package (streaming and not) and the ZeroMQ SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from tests.e2e_util import CONFIGS, chat_body, chat_cases, reference, start
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tiny_models):
+    return tiny_models("llava")
+
+
+@pytest.fixture(scope="module")
+def cases(test_images, llava_dir):
+    cs = chat_cases(test_images)
+    return [(text, imgs, reference(llava_dir, text, imgs)) for text, imgs in cs]
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def deployment(request, llava_dir, tmp_path_factory):
+    dep = start(request.param, llava_dir, tmp_path_factory.mktemp(f"logs-{request.param}"))
+    yield dep
+    dep.stop()
+    assert all(p.poll() is not None for p in dep.procs.values())
+
+
+async def _post(session, url, body):
+    async with session.post(url, json=body) as r:
+        return r.status, await r.json()
+
+
+async def _stream(session, url, body):
+    ids, text, finish = [], "", None
+    async with session.post(url, json=body) as r:
+        assert r.status == 200, await r.text()
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            for ch in chunk["choices"]:
+                ids += ch.get("token_ids") or []
+                text += ch["delta"].get("content") or ""
+                finish = ch.get("finish_reason") or finish
+    return ids, text, finish
+
+
+def test_aiohttp_concurrent(deployment, cases):
+    url = f"{deployment.url}/v1/chat/completions"
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            tasks = []
+            for i, (text, imgs, _) in enumerate(cases):
+                body = chat_body(deployment.name, text, imgs, return_token_ids=True, stream=i % 2 == 1)
+                tasks.append(_stream(s, url, body) if i % 2 else _post(s, url, body))
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    for i, (res, (_, _, ref)) in enumerate(zip(results, cases)):
+        if i % 2:
+            ids, _, finish = res
+        else:
+            status, body = res
+            assert status == 200, body
+            ids, finish = body["choices"][0]["token_ids"], body["choices"][0]["finish_reason"]
+        assert ids == ref, f"request {i}"
+        assert finish in ("stop", "length")
+
+
+def test_openai_package(deployment, cases, llava_dir):
+    import openai
+
+    from tests.hf_reference import load_hf
+
+    tok = load_hf(llava_dir)[1]
+    client = openai.AsyncOpenAI(base_url=f"{deployment.url}/v1", api_key="none", max_retries=0)
+
+    async def one(i, text, imgs):
+        body = chat_body(deployment.name, text, imgs)
+        kw = dict(model=body["model"], messages=body["messages"], max_tokens=body["max_tokens"], temperature=0,
+                  extra_body={"return_token_ids": True})
+        if i % 2:
+            stream = await client.chat.completions.create(stream=True, **kw)
+            pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            return "".join(pieces), None
+        resp = await client.chat.completions.create(**kw)
+        return resp.choices[0].message.content, getattr(resp.choices[0], "token_ids", None)
+
+    async def run():
+        return await asyncio.gather(*(one(i, t, im) for i, (t, im, _) in enumerate(cases)))
+
+    for (text, ids), (_, _, ref) in zip(asyncio.run(run()), cases):
+        assert text == tok.decode(ref, skip_special_tokens=True)
+        if ids is not None:
+            assert ids == ref
+
+
+def test_zmq_sdk(deployment, cases):
+    from bus.client import AsyncClient, Client, image_part
+    from tests.e2e_util import png_bytes
+
+    def messages(text, imgs):
+        return [{"role": "user", "content": [image_part(png_bytes(im)) for im in imgs]
+                 + [{"type": "text", "text": text}]}]
+
+    async def run():
+        c = AsyncClient(deployment.client_addr, model=deployment.name)
+        try:
+            ready, _ = await c.health()
+            assert ready
+            return await asyncio.gather(*(c.generate(messages=messages(t, im), max_tokens=12, temperature=0)
+                                          for t, im, _ in cases))
+        finally:
+            c.close()
+
+    outs = asyncio.run(run())
+    assert [o.token_ids for o in outs] == [ref for _, _, ref in cases]
+    sync = Client(deployment.client_addr, model=deployment.name)
+    try:
+        text, imgs, ref = cases[1]
+        streamed = [d for d in sync.stream(messages=messages(text, imgs), max_tokens=12, temperature=0)]
+        assert sum((d.token_ids for d in streamed), []) == ref
+        assert streamed[-1].finish_reason in ("stop", "length")
+    finally:
+        sync.close()
