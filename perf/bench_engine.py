@@ -161,8 +161,7 @@ def main() -> int:
         from stages.models.make_model import make_model
 
         model_dir = str(ROOT / "perf" / "out" / "models" / f"{args.family}-{args.size}")
-        if not Path(model_dir, "config.json").is_file():
-            make_model(args.family, args.size, model_dir, seed=0)
+        make_model(args.family, args.size, model_dir, seed=0, reuse=True)
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(model_dir)

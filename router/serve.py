@@ -39,9 +39,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def default_model() -> Path:
     out = Path(os.environ.get("EPD_CACHE", Path.home() / ".cache" / "epd")) / "models" / "llava-tiny"
-    if not (out / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "stages.models.make_model", "--family", "llava", "--size", "tiny",
-                        "--seed", "0", "--out", str(out)], check=True, cwd=ROOT)
+    # In a subprocess: this process stays free of torch. --reuse rebuilds only a stale directory.
+    subprocess.run([sys.executable, "-m", "stages.models.make_model", "--family", "llava", "--size", "tiny",
+                    "--seed", "0", "--out", str(out), "--reuse"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return out
 
 

@@ -21,10 +21,7 @@ def default_model_dir(family: str = DEFAULT_FAMILY, size: str = "tiny") -> Path:
     from stages.models.make_model import make_model
 
     root = Path(os.environ.get("EPD_CACHE", Path.home() / ".cache" / "epd")) / "models"
-    out = root / f"{family}-{size}"
-    if not (out / "config.json").is_file():
-        make_model(family, size, out, seed=0)
-    return out
+    return make_model(family, size, root / f"{family}-{size}", seed=0, reuse=True)
 
 
 def demo_image():

@@ -7,7 +7,8 @@ The directory loads unchanged with transformers' Auto classes (and is meant to b
 served by vLLM): config.json, generation_config.json, model.safetensors (or
 model-0000i-of-0000n.safetensors + model.safetensors.index.json), tokenizer.json,
 tokenizer_config.json, special_tokens_map.json, chat_template.jinja and, for the
-vision families, preprocessor_config.json (+ processor_config.json for llava).
+vision families, preprocessor_config.json (+ processor_config.json for llava), and
+epd_make_model.json (the arguments and format revision, for ``--reuse``).
 Nothing is downloaded: the tokenizer is trained here (``tokenizer_builder``).
 The same arguments give byte-identical files.
 
@@ -23,7 +24,7 @@ llava       0.25 M  112.5 M (vision 10.6 M)
 qwen2_5_vl  0.22 M  102.8 M (tied head)
 =========== ======= ==================
 
-tiny text: hidden 64, 2 layers, 4 heads / 2 kv heads, head_dim 16, MLP 128, vocab
+tiny text: hidden 64, 2 layers, 2 heads / 1 kv head, head_dim 32, MLP 128, vocab
 1024 (tokenizer 1000). small text: hidden 768, 12 layers, 12 / 4 heads, head_dim 64,
 MLP 2048, vocab 16384 (tokenizer 16000). Vision towers: see ``model_configs``.
 
@@ -56,16 +57,26 @@ OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors.inde
                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+# Bump when the generated models change (shapes, init, tokenizer): cached directories rebuild.
+FORMAT_REV = 2
+STAMP = "epd_make_model.json"
+
+
 def make_model(family: str, size: str, out_dir: str | Path, seed: int = 0,
-               shard_size_mb: float | None = None, dtype: str = "float32") -> Path:
+               shard_size_mb: float | None = None, dtype: str = "float32", reuse: bool = False) -> Path:
     """Write the model directory ``out_dir`` (created; emptied of old model files) and return it.
 
     ``shard_size_mb`` splits the weights into shards of at most that many MiB (a tensor
     larger than the limit gets a shard of its own), as ``save_pretrained`` does.
+    ``reuse`` keeps a directory this same version built with the same arguments.
     """
     if family not in mc.FAMILIES or size not in mc.SIZES or dtype not in DTYPES:
         raise ValueError(f"unknown family/size/dtype: {family!r} {size!r} {dtype!r}")
     out = Path(out_dir)
+    stamp = {"rev": FORMAT_REV, "family": family, "size": size, "seed": seed, "shard_size_mb": shard_size_mb,
+             "dtype": dtype}
+    if reuse and (out / STAMP).is_file() and json.loads((out / STAMP).read_text()) == stamp:
+        return out
     out.mkdir(parents=True, exist_ok=True)
     # A previous run (other sharding, other family) must not leave stale files behind.
     for old in [*out.glob("model*.safetensors"), *(out / name for name in OUTPUT_FILES)]:
@@ -87,6 +98,7 @@ def make_model(family: str, size: str, out_dir: str | Path, seed: int = 0,
     tensors = random_state_dict(family, shapes, seed, ids["tokenizer_size"],
                                 tied=mc.TIE_EMBEDDINGS[family], dtype=DTYPES[dtype])
     write_safetensors(out, tensors, shard_size_mb)
+    _write_json(out / STAMP, stamp)
     return out
 
 
@@ -164,13 +176,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--shard-size-mb", type=float, default=None)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--reuse", action="store_true", help="keep DIR if this version built it with these arguments")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = make_model(args.family, args.size, args.out, seed=args.seed,
-                     shard_size_mb=args.shard_size_mb, dtype=args.dtype)
+                     shard_size_mb=args.shard_size_mb, dtype=args.dtype, reuse=args.reuse)
     print(out)
     return 0
 

@@ -61,7 +61,7 @@ class QwenVisionSize:
 
 
 TEXT = {
-    "tiny": TextSize(64, 2, 4, 2, 16, 128, 1024, 1000, 2048),
+    "tiny": TextSize(64, 2, 2, 1, 32, 128, 1024, 1000, 2048),  # head_dim 32: vLLM-CPU has no kernel for 16
     "small": TextSize(768, 12, 12, 4, 64, 2048, 16384, 16000, 8192),
 }
 CLIP = {
@@ -74,7 +74,7 @@ QWEN_VISION = {
     "small": QwenVisionSize(384, 6, 6, 1024, 112, (2, 5), 4 * 28 * 28, 256 * 28 * 28),
 }
 # mrope splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
-MROPE_SECTION = {16: [2, 3, 3], 64: [8, 12, 12], 128: [16, 24, 24]}
+MROPE_SECTION = {16: [2, 3, 3], 32: [4, 6, 6], 64: [8, 12, 12], 128: [16, 24, 24]}
 
 # Tiny models share one theta so tests see one rope; small ones copy their real family.
 ROPE_THETA_SMALL = {"llama": 500000.0, "llava": 10000.0, "qwen2": 1000000.0, "qwen3": 1000000.0,
