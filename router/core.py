@@ -79,7 +79,8 @@ class RouterCore:
         counts = self.registry.counts()
         missing = {r: n - counts.get(r, 0) for r, n in self.expected.items() if counts.get(r, 0) < n}
         ready = not missing and bool(counts)
-        detail = {"workers": {w.worker_id: {"role": w.role, "alive": w.alive, "load": w.load}
+        detail = {"workers": {w.worker_id: {"role": w.role, "alive": w.alive, "load": w.load,
+                                            "incarnation": w.info.incarnation, "device": w.info.device}
                               for w in self.registry.workers.values()},
                   "missing": missing}
         return ready, detail

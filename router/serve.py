@@ -70,16 +70,18 @@ class Deployment:
         self.client_addr = f"tcp://{host}:{free_port(host)}"
         self.extra_router_args = list(extra_router_args)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.argv: dict[str, tuple[list[str], dict | None]] = {}
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> None:
+        self.argv[name] = (argv, env)
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "wb")
+            out = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None,
                                             env={**os.environ, **(env or {})}, start_new_session=True)
 
@@ -155,6 +157,12 @@ class Deployment:
         """Kill one process outright (fault tests)."""
         os.killpg(self.procs[name].pid, signal.SIGKILL)
         self.procs[name].wait()
+
+    def restart(self, name: str) -> None:
+        """Kill one process (if alive) and start it again with the same command line."""
+        if self.procs[name].poll() is None:
+            self.kill(name)
+        self._spawn(name, *self.argv[name])
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM everything, then SIGKILL what has not exited within ``grace`` seconds."""

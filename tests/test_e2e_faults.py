@@ -116,6 +116,27 @@ def test_client_disconnect_frees_kv(dep, test_images):
         assert r.status == 200
 
 
+def test_a_restarted_worker_rejoins(dep, test_images, llava_dir):
+    """A stage restarts alone: the router takes its new incarnation and requests flow again."""
+    before = dep.health()[1]["workers"]["prefill-0"]["incarnation"]
+    dep.restart("prefill-0")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ok, detail = dep.health()
+        now = detail.get("workers", {}).get("prefill-0", {})
+        if ok and now.get("alive") and now.get("incarnation") != before:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the restarted prefill worker did not register again")
+    body = chat_body(dep.name, "after the restart", [test_images[3]], return_token_ids=True)
+    req = urllib.request.Request(f"{dep.url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        got = json.loads(r.read())["choices"][0]["token_ids"]
+    assert got == reference(llava_dir, "after the restart", [test_images[3]])
+
+
 def test_dead_decode_worker_fails_its_requests_cleanly(dep, test_images):
     """Runs last in this module: it kills the decode worker."""
     url = f"{dep.url}/v1/chat/completions"
