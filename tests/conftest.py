@@ -31,6 +31,12 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llava_dir(tiny_models):
+    """The tiny LLaVA every end-to-end deployment serves."""
+    return tiny_models("llava")
+
+
+@pytest.fixture(scope="session")
 def test_images():
     """Random RGB images of different sizes (deterministic)."""
     import numpy as np

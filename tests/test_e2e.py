@@ -19,11 +19,6 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def llava_dir(tiny_models):
-    return tiny_models("llava")
-
-
-@pytest.fixture(scope="module")
 def cases(test_images, llava_dir):
     cs = chat_cases(test_images)
     return [(text, imgs, reference(llava_dir, text, imgs)) for text, imgs in cs]

@@ -21,11 +21,6 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def llava_dir(tiny_models):
-    return tiny_models("llava")
-
-
-@pytest.fixture(scope="module")
 def dep(llava_dir, tmp_path_factory):
     d = start("1e1p1d", llava_dir, tmp_path_factory.mktemp("logs-faults"))
     yield d

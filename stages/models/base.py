@@ -48,6 +48,34 @@ class EngineModel(nn.Module):
     head_dim: int
 
 
+class VisionLanguageModel(EngineModel):
+    """A vision tower + projector in front of ``self.language_model`` (a DecoderLM).
+
+    Subclasses build the vision side and set ``language_model``; the text path
+    and the KV geometry are the decoder's.
+    """
+
+    is_multimodal = True
+    language_model: EngineModel
+
+    def _adopt_geometry(self) -> None:
+        lm = self.language_model
+        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+
+    def embed_tokens(self, input_ids):
+        return self.language_model.embed_tokens(input_ids)
+
+    def forward(self, positions, meta, kv_caches, input_ids=None, inputs_embeds=None):
+        return self.language_model(positions, meta, kv_caches, input_ids, inputs_embeds)
+
+    def compute_logits(self, hidden):
+        return self.language_model.compute_logits(hidden)
+
+    def encode_images(self, inputs: list[dict]) -> list[torch.Tensor]:
+        """One embedding [num_tokens, hidden] per image's preprocessed inputs."""
+        raise NotImplementedError
+
+
 def copy_named_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                        rename, skip=lambda name: False) -> None:
     """Load ``weights`` into ``module``'s parameters after ``rename(name)``.

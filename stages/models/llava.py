@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from stages.models.base import EngineModel, ImageSupport, copy_named_weights, load_image_processor
+from stages.models.base import ImageSupport, VisionLanguageModel, copy_named_weights, load_image_processor
 from stages.models.llama import DecoderLM
 
 
@@ -44,9 +44,7 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaLM(EngineModel):
-    is_multimodal = True
-
+class LlavaLM(VisionLanguageModel):
     def __init__(self, hf_config, backend):
         super().__init__()
         from transformers import CLIPVisionModel
@@ -65,8 +63,7 @@ class LlavaLM(EngineModel):
         text_cfg = hf_config.text_config
         self.language_model = DecoderLM(text_cfg, text_cfg.model_type, backend,
                                         tie=getattr(hf_config, "tie_word_embeddings", False))
-        lm = self.language_model
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+        self._adopt_geometry()
 
     @classmethod
     def image_support(cls, model_dir, hf_config) -> ImageSupport:
@@ -81,15 +78,6 @@ class LlavaLM(EngineModel):
         if self.strategy == "default":
             feats = feats[:, 1:]  # drop CLS
         return list(self.multi_modal_projector(feats))
-
-    def embed_tokens(self, input_ids):
-        return self.language_model.embed_tokens(input_ids)
-
-    def forward(self, positions, meta, kv_caches, input_ids=None, inputs_embeds=None):
-        return self.language_model(positions, meta, kv_caches, input_ids, inputs_embeds)
-
-    def compute_logits(self, hidden):
-        return self.language_model.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         tie = self.language_model.spec.tie

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from stages.models.base import EngineModel, ImageSupport, copy_named_weights, load_image_processor
+from stages.models.base import ImageSupport, VisionLanguageModel, copy_named_weights, load_image_processor
 from stages.models.llama import DecoderLM
 
 
@@ -58,8 +58,7 @@ class QwenImages(ImageSupport):
         return mrope_positions(token_ids, images, self.merge)
 
 
-class Qwen25VLLM(EngineModel):
-    is_multimodal = True
+class Qwen25VLLM(VisionLanguageModel):
     uses_mrope = True
 
     def __init__(self, hf_config, backend):
@@ -71,8 +70,7 @@ class Qwen25VLLM(EngineModel):
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vc, torch_dtype=torch.get_default_dtype())
         self.language_model = DecoderLM(hf_config.text_config, "qwen2_5_vl", backend,
                                         tie=getattr(hf_config, "tie_word_embeddings", False))
-        lm = self.language_model
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+        self._adopt_geometry()
 
     @classmethod
     def image_support(cls, model_dir, hf_config) -> ImageSupport:
@@ -86,15 +84,6 @@ class Qwen25VLLM(EngineModel):
         merged = out.pooler_output if hasattr(out, "pooler_output") else out
         sizes = (grid.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
         return list(torch.split(merged, sizes))
-
-    def embed_tokens(self, input_ids):
-        return self.language_model.embed_tokens(input_ids)
-
-    def forward(self, positions, meta, kv_caches, input_ids=None, inputs_embeds=None):
-        return self.language_model(positions, meta, kv_caches, input_ids, inputs_embeds)
-
-    def compute_logits(self, hidden):
-        return self.language_model.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         tie = self.language_model.spec.tie
