@@ -1,0 +1,159 @@
+"""Which transport a pull takes: per peer, decided by the peer's card.
+
+A worker runs one server per transport it offers and advertises them all in
+one *card*, ``{"host_id": ..., "shm": <addr>, "zmq": <addr>}`` (its
+``MultiTransfer.address`` is that card as JSON, its ``.card`` the dict). A
+puller takes shm when the peer has the same host id and offers shm, else zmq.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import socket
+
+import torch
+
+from transfer.base import TransferBackend, TransferError
+from transfer.shm_backend import SHM_DIR, ShmBackend, shm_available
+from transfer.zmq_backend import ZmqBackend
+
+KINDS = ("auto", "shm", "zmq")
+
+
+@functools.cache
+def host_id() -> str:
+    """Equal for two processes exactly when shm can join them.
+
+    That takes one kernel boot (``boot_id``), one /dev/shm mount (its device
+    number: containers usually get their own) and one network namespace (the
+    shm control channel is on 127.0.0.1). The hostname prefix is for people.
+    """
+
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return "-"
+
+    def stat(path: str, field: str) -> str:
+        try:
+            return str(getattr(os.stat(path), field))
+        except OSError:
+            return "-"
+
+    parts = [
+        read("/proc/sys/kernel/random/boot_id"),
+        stat(SHM_DIR, "st_dev"),
+        stat("/proc/self/ns/net", "st_ino"),
+    ]
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return f"{socket.gethostname()}:{digest}"
+
+
+class MultiTransfer(TransferBackend):
+    """One store served by several transports; each pull picks one per peer.
+
+    ``pull`` takes the peer's card (the dict, or ``address`` JSON as received).
+    ``pulls_by_backend`` counts successful pulls per transport name.
+    """
+
+    name = "auto"
+
+    def __init__(self, backends: list[TransferBackend], store: dict):
+        # No super().__init__(): the counters are sums over the backends.
+        if not backends:
+            raise ValueError("MultiTransfer needs at least one backend")
+        self._store = store
+        self._backends = {b.name: b for b in backends}
+        self.host_id = host_id()
+        self.pulls_by_backend: dict[str, int] = {b.name: 0 for b in backends}
+
+    async def start(self) -> None:
+        for b in self._backends.values():
+            await b.start()
+
+    @property
+    def card(self) -> dict[str, str]:
+        return {"host_id": self.host_id, **{n: b.address for n, b in self._backends.items()}}
+
+    @property
+    def address(self) -> str:
+        return json.dumps(self.card, sort_keys=True, separators=(",", ":"))
+
+    def choose(self, peer: dict | str) -> tuple[TransferBackend, str]:
+        """The backend to pull from ``peer`` with, and the peer's address for it."""
+        card = _card(peer)
+        shm = self._backends.get("shm")
+        if shm is not None and "shm" in card and card.get("host_id") == self.host_id:
+            return shm, card["shm"]
+        zmq_b = self._backends.get("zmq")
+        if zmq_b is not None and "zmq" in card:
+            return zmq_b, card["zmq"]
+        raise TransferError(
+            f"no transport in common with peer {card} (this worker, host {self.host_id}, "
+            f"runs {sorted(self._backends)})"
+        )
+
+    async def pull(self, peer_address: dict | str, key: str, *, timeout: float,
+                   device: str = "cpu") -> list[torch.Tensor]:
+        backend, addr = self.choose(peer_address)
+        tensors = await backend.pull(addr, key, timeout=timeout, device=device)
+        self.pulls_by_backend[backend.name] += 1
+        return tensors
+
+    async def close(self) -> None:
+        for b in self._backends.values():
+            await b.close()
+
+    def backend(self, name: str) -> TransferBackend | None:
+        return self._backends.get(name)
+
+    def _total(self, counter: str) -> int:
+        return sum(getattr(b, counter) for b in self._backends.values())
+
+    bytes_sent = property(lambda self: self._total("bytes_sent"))
+    bytes_received = property(lambda self: self._total("bytes_received"))
+    pulls_served = property(lambda self: self._total("pulls_served"))
+    pulls_done = property(lambda self: self._total("pulls_done"))
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["pulls_by_backend"] = dict(self.pulls_by_backend)
+        out["backends"] = {n: b.stats() for n, b in self._backends.items()}
+        return out
+
+
+def _card(peer: dict | str) -> dict:
+    if isinstance(peer, str):
+        try:
+            peer = json.loads(peer)
+        except ValueError:
+            raise TransferError(f"peer address is not a transfer card: {peer!r}") from None
+    if not isinstance(peer, dict):
+        raise TransferError(f"peer address is not a transfer card: {peer!r}")
+    return peer
+
+
+def make_backend(kind: str, host: str) -> MultiTransfer:
+    """The transfer layer of one worker: ``kind`` picks the transports it runs.
+
+    ``auto``: shm (when this host has a usable /dev/shm) and zmq on ``host``;
+    ``shm``: shm only (same-host peers only); ``zmq``: zmq only. Every kind
+    returns a ``MultiTransfer``, so workers always exchange cards and a
+    ``zmq`` worker and an ``auto`` worker still understand each other.
+    """
+    if kind == "ucx":
+        raise ValueError("the UCX backend is not available yet")
+    if kind not in KINDS:
+        raise ValueError(f"unknown transfer backend {kind!r}; choose one of {', '.join(KINDS)}")
+    store: dict = {}
+    backends: list[TransferBackend] = []
+    if kind == "shm" or (kind == "auto" and shm_available()):
+        backends.append(ShmBackend(store=store))
+    if kind in ("auto", "zmq"):
+        backends.append(ZmqBackend(host, store=store))
+    return MultiTransfer(backends, store)
