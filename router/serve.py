@@ -25,6 +25,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "1e1p1d.yaml"
+API_FLAGS = {"max_body_mb": "--max-body-mb", "max_images": "--max-images", "max_image_pixels": "--max-image-pixels",
+             "remote_images": "--remote-images", "allowed_domains": "--allowed-domains",
+             "heartbeat_timeout": "--heartbeat-timeout"}
 ENGINE_FLAGS = {"dtype": "--dtype", "device": "--device", "kv_cache_memory_gb": "--kv-cache-memory-gb",
                 "num_kv_blocks": "--num-kv-blocks", "max_num_seqs": "--max-num-seqs", "block_size": "--block-size",
                 "max_num_batched_tokens": "--max-num-batched-tokens", "max_model_len": "--max-model-len",
@@ -111,12 +114,18 @@ class Deployment:
         expect = {}
         for w in self.cfg["workers"]:
             expect[w["role"]] = expect.get(w["role"], 0) + int(w.get("count", 1))
-        policy = (self.cfg.get("router") or {}).get("policy", "least_loaded")
+        router_cfg = self.cfg.get("router") or {}
+        policy = router_cfg.get("policy", "least_loaded")
+        api_args: list[str] = []
+        for key, flag in API_FLAGS.items():
+            value = router_cfg.get(key)
+            if value is not None:
+                api_args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
         self._spawn("router", [sys.executable, "-m", "router.server", "--served-model-name", self.name,
                                "--host", self.host, "--port", str(self.port), "--worker-addr", self.worker_addr,
                                "--control-addr", self.control_addr, "--client-addr", self.client_addr,
                                "--expect", ",".join(f"{r}={n}" for r, n in expect.items()),
-                               "--policy", policy, *self.extra_router_args])
+                               "--policy", policy, *api_args, *self.extra_router_args])
         for wid, argv in workers:
             self._spawn(wid, argv, {"OMP_NUM_THREADS": str(self.cfg.get("engine", {}).get("threads") or
                                                             argv[argv.index("--threads") + 1])})
