@@ -1,0 +1,1 @@
+"""epd-bench: a serving benchmark for OpenAI-compatible chat servers (ours and vLLM alike)."""
