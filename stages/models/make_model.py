@@ -58,7 +58,7 @@ OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors.inde
 
 
 # Bump when the generated models change (shapes, init, tokenizer): cached directories rebuild.
-FORMAT_REV = 2
+FORMAT_REV = 3
 STAMP = "epd_make_model.json"
 
 

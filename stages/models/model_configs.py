@@ -189,6 +189,7 @@ def qwen2_5_vl_config(size: str, dtype: str, ids: dict) -> dict:
         eos_token_id=ids["eos"],
         pad_token_id=ids["pad"],
         image_token_id=ids["image"],
+        video_token_id=ids["video"],
         vision_start_token_id=ids["vision_start"],
         vision_end_token_id=ids["vision_end"],
         rope_scaling={"type": "mrope", "mrope_section": MROPE_SECTION[t.head_dim]},

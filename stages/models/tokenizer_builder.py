@@ -12,7 +12,8 @@ Training is deterministic (checked across processes with different hash seeds).
 Layout of ids, by family (``n`` = number of trained BPE tokens):
 
 - qwen2 / qwen3: ``<|endoftext|>`` n, ``<|im_start|>`` n+1, ``<|im_end|>`` n+2;
-  qwen2_5_vl adds ``<|vision_start|>`` n+3, ``<|vision_end|>`` n+4, ``<|image_pad|>`` n+5.
+  qwen2_5_vl adds ``<|vision_start|>`` n+3, ``<|vision_end|>`` n+4, ``<|image_pad|>`` n+5,
+  ``<|vision_pad|>`` n+6, ``<|video_pad|>`` n+7.
   No bos is added when encoding (as in Qwen). eos = ``<|im_end|>``, pad = ``<|endoftext|>``.
 - llama: ``<|begin_of_text|>`` n, ``<|end_of_text|>`` n+1, ``<|start_header_id|>`` n+2,
   ``<|end_header_id|>`` n+3, ``<|eot_id|>`` n+4; the post-processor prepends bos.
@@ -112,8 +113,9 @@ def family_specials(family: str) -> tuple[list[str], list[str]]:
     if family in ("qwen2", "qwen3"):
         return [], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     if family == "qwen2_5_vl":
+        # vLLM's Qwen2.5-VL processor also looks up the video tokens, even for image-only use.
         return [], ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+                    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|vision_pad|>", "<|video_pad|>"]
     if family == "llama":
         return [], ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                     "<|end_header_id|>", "<|eot_id|>"]
@@ -174,6 +176,7 @@ def token_ids(tok: Tokenizer, family: str) -> dict[str, int | None]:
     if family == "qwen2_5_vl":
         ids["vision_start"] = tok.token_to_id("<|vision_start|>")
         ids["vision_end"] = tok.token_to_id("<|vision_end|>")
+        ids["video"] = tok.token_to_id("<|video_pad|>")
     if family == "llama":
         ids["end_of_text"] = tok.token_to_id("<|end_of_text|>")
     if family in QWEN_FAMILIES:
