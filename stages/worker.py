@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 import uuid
 
 import torch
@@ -33,6 +34,7 @@ from transfer.select import make_backend
 log = logging.getLogger("epd.stage")
 HEARTBEAT_S = 1.0
 PULL_TIMEOUT_S = 30.0
+ABORT_MEMORY_S = 120.0
 
 
 class StageWorker:
@@ -43,6 +45,8 @@ class StageWorker:
         self.incarnation = uuid.uuid4().hex
         self.done = asyncio.Event()
         self.embed_keys: dict[str, int] = {}  # encode role: published embeddings -> bytes (LRU order)
+        # Aborts can overtake the work they cancel (it may be pulling its KV): remember them a while.
+        self.aborted: dict[str, float] = {}
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -142,6 +146,8 @@ class StageWorker:
         else:
             raise ValueError("the request has no messages, prompt or prompt_token_ids")
         params = SamplingParams.from_dict(msg.sampling)
+        if self._was_aborted(msg.request_id):
+            return
         await self.threads.call(lambda e: e.add_request(msg.request_id, prompt, params,
                                                         prefill_only=msg.prefill_only))
 
@@ -185,9 +191,18 @@ class StageWorker:
                                         tuple(i.grid_thw) if i.grid_thw else None) for i in h.images],
                           h.sent_text_len, h.num_cached_tokens, h.cumulative_logprob, h.generator_state,
                           tensors[0], list(tensors[1:]))
+        if self._was_aborted(msg.request_id):
+            return
         await self.threads.call(lambda e: e.add_prefilled(handoff))
 
+    def _was_aborted(self, rid: str) -> bool:
+        now = time.monotonic()
+        for old in [r for r, t in self.aborted.items() if now - t > ABORT_MEMORY_S]:
+            del self.aborted[old]
+        return rid in self.aborted
+
     async def _abort(self, msg: m.AbortRequest) -> None:
+        self.aborted[msg.request_id] = time.monotonic()
         await self.threads.call(lambda e: e.abort_request(msg.request_id))
         self.transfer.drop(f"kv/{msg.request_id}")
 
