@@ -30,6 +30,8 @@ def add_load_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--output-len", default="32", help="output tokens: N or LO-HI (uniform)")
     ap.add_argument("--images-per-request", default="1", help="random-mm: N or LO-HI (uniform)")
     ap.add_argument("--image-sizes", default="112x112", help="random-mm: WxH list, one drawn per image")
+    ap.add_argument("--image-format", choices=("png", "jpeg"), default="png",
+                    help="random-mm: noise image encoding (vllm bench serve's random-mm sends jpeg)")
     ap.add_argument("--jsonl", help="jsonl: one OpenAI chat body per line")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--request-rate", default="inf", help="req/s; a comma list sweeps; inf = all at once")
@@ -59,7 +61,7 @@ def build_requests(args) -> list[datasets.Request]:
     images = datasets.parse_range(args.images_per_request) if args.dataset == "random-mm" else (0, 0)
     return datasets.random_requests(datasets.load_tokenizer(args.tokenizer), args.num_prompts,
                                     datasets.parse_range(args.input_len), out_len, args.seed, images,
-                                    datasets.parse_sizes(args.image_sizes))
+                                    datasets.parse_sizes(args.image_sizes), args.image_format)
 
 
 def _record(r: RequestResult) -> dict:

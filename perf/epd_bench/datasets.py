@@ -61,20 +61,21 @@ def _allowed_ids(tokenizer) -> np.ndarray:
     return np.array([i for i in range(tokenizer.vocab_size) if i not in special])
 
 
-def noise_png_url(width: int, height: int, rng: np.random.Generator) -> str:
+def noise_image_url(width: int, height: int, rng: np.random.Generator, fmt: str = "png") -> str:
+    """A random-noise image as a data URL; ``fmt`` png (lossless) or jpeg (what vLLM's random-mm sends)."""
     from PIL import Image
 
     pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    Image.fromarray(pixels).save(buf, format=fmt.upper())
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def random_requests(tokenizer, num: int, input_len: tuple[int, int], output_len: tuple[int, int],
                     seed: int = 0, images: tuple[int, int] = (0, 0),
-                    sizes: list[tuple[int, int]] | None = None) -> list[Request]:
+                    sizes: list[tuple[int, int]] | None = None, image_format: str = "png") -> list[Request]:
     """Random-token prompts; with ``images`` (LO, HI) each request also gets a uniform draw of
-    LO..HI noise PNGs, each of a size drawn uniformly from ``sizes``."""
+    LO..HI noise images (``image_format``), each of a size drawn uniformly from ``sizes``."""
     rng = np.random.default_rng(seed)
     allowed = _allowed_ids(tokenizer)
     sizes = sizes or [(112, 112)]
@@ -90,7 +91,7 @@ def random_requests(tokenizer, num: int, input_len: tuple[int, int], output_len:
             content = [{"type": "text", "text": prompt}]  # text first, images after: vLLM's order
             for _ in range(n_img):
                 w, h = sizes[int(rng.integers(0, len(sizes)))]
-                content.append({"type": "image_url", "image_url": {"url": noise_png_url(w, h, rng)}})
+                content.append({"type": "image_url", "image_url": {"url": noise_image_url(w, h, rng, image_format)}})
         body = {"messages": [{"role": "user", "content": content}], "max_tokens": n_out}
         out.append(Request(body, n_in, n_out, n_img))
     return out
