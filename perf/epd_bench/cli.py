@@ -41,6 +41,8 @@ def add_load_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                     help="let requests stop at EOS (default: fixed output lengths via ignore_eos)")
+    ap.add_argument("--trust-env", action="store_true",
+                    help="honour proxy variables and ~/.netrc like vllm bench serve (adds its per-request lookup)")
     ap.add_argument("--slo-ttft-ms", type=float, default=None)
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
@@ -79,7 +81,7 @@ def run_one_rate(args, base_url: str, model: str, requests, rate: float) -> dict
     try:
         load = asyncio.run(run_load(base_url, model, requests, rate, args.burstiness, args.max_concurrency,
                                     args.warmup, args.seed, args.ignore_eos,
-                                    progress=bar.update if bar else None))
+                                    progress=bar.update if bar else None, trust_env=args.trust_env))
     finally:
         if bar:
             bar.close()

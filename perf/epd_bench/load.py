@@ -48,12 +48,12 @@ class LoadResult:
 
 async def run_load(base_url: str, model: str, requests: list[Request], rate: float = float("inf"),
                    burstiness: float = 1.0, max_concurrency: int | None = None, warmup: int = 0,
-                   seed: int = 0, ignore_eos: bool = True, progress=None) -> LoadResult:
+                   seed: int = 0, ignore_eos: bool = True, progress=None, trust_env: bool = False) -> LoadResult:
     """Send ``warmup`` requests (the first ones of ``requests``, not measured), then every request
     at its arrival time; ``progress`` is called once per finished measured request."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    async with make_session(limit=max_concurrency or 0) as session:
+    async with make_session(limit=max_concurrency or 0, trust_env=trust_env) as session:
 
         async def one(req: Request) -> RequestResult:
             body = chat_body(req, model, ignore_eos)
