@@ -52,7 +52,7 @@ def parse_rates(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def build_requests(args) -> list[datasets.Request]:
+def build_requests(args, seed: int | None = None) -> list[datasets.Request]:
     out_len = datasets.parse_range(args.output_len)
     if args.dataset == "jsonl":
         if not args.jsonl:
@@ -62,7 +62,8 @@ def build_requests(args) -> list[datasets.Request]:
         raise SystemExit(f"--dataset {args.dataset} needs --tokenizer DIR")
     images = datasets.parse_range(args.images_per_request) if args.dataset == "random-mm" else (0, 0)
     return datasets.random_requests(datasets.load_tokenizer(args.tokenizer), args.num_prompts,
-                                    datasets.parse_range(args.input_len), out_len, args.seed, images,
+                                    datasets.parse_range(args.input_len), out_len,
+                                    args.seed if seed is None else seed, images,
                                     datasets.parse_sizes(args.image_sizes), args.image_format)
 
 
@@ -92,10 +93,14 @@ def run_one_rate(args, base_url: str, model: str, requests, rate: float) -> dict
 
 
 def run_sweep(args, base_url: str, model: str, system: str | None = None) -> dict:
-    """Every rate of ``--request-rate`` against one server; the results JSON as a dict."""
-    requests = build_requests(args)
+    """Every rate of ``--request-rate`` against one server; the results JSON as a dict.
+
+    Each rate gets its own prompts and images (seed + rate index): reusing them would let the
+    server's prefix and image caches answer later rates from earlier ones.
+    """
     runs = []
-    for rate in parse_rates(args.request_rate):
+    for i, rate in enumerate(parse_rates(args.request_rate)):
+        requests = build_requests(args, args.seed + i)
         run = run_one_rate(args, base_url, model, requests, rate)
         print(format_run(run), flush=True)
         runs.append(run)
