@@ -41,6 +41,15 @@ def _server_error(message: str = "internal server error") -> ApiError:
     return ApiError(500, message, type="server_error")
 
 
+def _failed(parsed: ParsedRequest, tracker: RequestTracker, exc: Exception) -> web.Response:
+    """The error response for a request that failed before its output started (tracked)."""
+    if not isinstance(exc, ApiError):
+        log.error("request %s failed", parsed.api.request_id, exc_info=exc)
+        exc = _server_error()
+    tracker.fail(exc.status)
+    return _error_response(exc)
+
+
 class _Flight:
     """A request's iterator over the backend, and the promise to abort it exactly once
     if the HTTP layer walks away before it finished (see `Backend`)."""
@@ -181,13 +190,8 @@ class _Api:
             if not deltas:
                 raise _server_error("the backend ended the request without output")
             body = dumps(ResponseBuilder(parsed).response(deltas))
-        except ApiError as e:
-            tracker.fail(e.status)
-            return _error_response(e)
-        except Exception:
-            log.exception("request %s failed", parsed.api.request_id)
-            tracker.fail(500)
-            return _error_response(_server_error())
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
+            return _failed(parsed, tracker, e)
         tracker.finish(deltas[-1].finish_reason)
         return web.Response(body=body, content_type="application/json")
 
@@ -199,13 +203,8 @@ class _Api:
             delta = await flight.next()
             if delta is None:
                 raise _server_error("the backend ended the request without output")
-        except ApiError as e:
-            tracker.fail(e.status)
-            return _error_response(e)
-        except Exception:
-            log.exception("request %s failed", parsed.api.request_id)
-            tracker.fail(500)
-            return _error_response(_server_error())
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
+            return _failed(parsed, tracker, e)
         builder = ResponseBuilder(parsed)
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         try:
