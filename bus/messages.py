@@ -14,6 +14,14 @@ from typing import Any
 from bus.codec import message, struct
 
 ROLES = ("encode", "prefill", "decode", "mixed")
+# Cache counters a worker's heartbeat carries (``Heartbeat.counters``); the router
+# exports each as ``epd:<name>_total{worker,role}``.
+CACHE_COUNTERS = {
+    "kv_prefix_blocks_fetched": "Prompt KV blocks pulled from another worker instead of computed.",
+    "kv_prefix_blocks_exported": "Prompt KV blocks copied out for another worker.",
+    "kv_prefix_fetch_failures": "Prefix pulls that failed (the prefix was computed instead).",
+    "embedding_pull_fallbacks": "Image embeddings whose pull failed, so the image was encoded here.",
+}
 
 
 # ---- pieces ------------------------------------------------------------------------------------
@@ -100,6 +108,7 @@ class Heartbeat:
     prefix_hit_tokens: int = 0
     prefix_query_tokens: int = 0
     transfer_pulls: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)  # CACHE_COUNTERS by name
 
 
 @message(3)
@@ -149,6 +158,48 @@ class KvTaken:
     kv_key: str
 
 
+@message(8)
+class KvCacheEvent:
+    """Prefix-cache blocks this worker registered or evicted since its last event, in order.
+
+    Hashes are the engine's chained block hashes as 32 hex digits; the router's
+    cluster index learns from them who holds which prefix.
+    """
+
+    worker_id: str
+    incarnation: str
+    stored: list[str]
+    evicted: list[str]
+
+
+@message(9)
+class EmbeddingCacheEvent:
+    """Image embeddings this encode worker published (pullable) or dropped, by pixel hash."""
+
+    worker_id: str
+    incarnation: str
+    stored: list[ImageRef]
+    evicted: list[str]
+
+
+@message(10)
+class PrefixQuery:
+    """Who else holds this request's prompt blocks? ``local_blocks`` are already here."""
+
+    request_id: str
+    block_hashes: list[str]
+    local_blocks: int
+
+
+@message(11)
+class PrefixExported:
+    """The holder copied ``num_blocks`` leading blocks out under ``key`` (0: none left)."""
+
+    request_id: str
+    key: str
+    num_blocks: int
+
+
 # ---- router -> worker --------------------------------------------------------------------------
 @message(20)
 class EncodeRequest:
@@ -166,8 +217,11 @@ class GenerateRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     add_generation_prompt: bool = True
-    images: list[bytes] = field(default_factory=list)  # raw images, encoded here
-    image_refs: list[ImageRef] = field(default_factory=list)  # images encoded elsewhere
+    images: list[bytes] = field(default_factory=list)  # raw images, in prompt order
+    # Images encoded elsewhere, aligned with ``images`` when both come: the worker pulls
+    # each embedding and falls back to encoding the raw image itself if the pull fails
+    # (holder dead or evicted). A ref with an empty ``content_hash`` means "encode it here".
+    image_refs: list[ImageRef] = field(default_factory=list)
     prefill_only: bool = False
 
 
@@ -187,6 +241,25 @@ class AbortRequest:
 @message(24)
 class ReleaseKv:
     kv_key: str
+
+
+@message(25)
+class PrefixExport:
+    """To a holder: copy out the longest run of these blocks you still hold, publish it under ``key``."""
+
+    request_id: str
+    block_hashes: list[str]
+    key: str
+
+
+@message(26)
+class PrefixAnswer:
+    """To the asker: pull ``num_blocks`` blocks under ``key`` from ``holder`` (0: compute them)."""
+
+    request_id: str
+    key: str
+    holder: dict[str, str]
+    num_blocks: int
 
 
 # ---- client SDK <-> router ---------------------------------------------------------------------

@@ -8,6 +8,13 @@ Disaggregated:                router -> E: EncodeRequest -> EncodeDone (image re
                               router -> P: ReleaseKv;  D: TokenDelta* -> done
 Without encode workers, P encodes its request's images itself (PD). Bytes
 never pass through here: only control messages and the deltas for clients.
+
+The cluster index (``router.cluster_index``) lets a request skip work done
+before anywhere in the cluster: an image whose embedding an encode worker
+still holds is not encoded again (P pulls it; an image being encoded for
+another request is waited for, not encoded twice), and a prefill worker
+asking for its prompt's blocks (``PrefixQuery``) is pointed at the worker
+holding the longest run of them.
 """
 
 from __future__ import annotations
@@ -15,13 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 from bus import messages as m
 from bus.sockets import AsyncSocket, PeerGone
 from router.backend import ApiDelta, ApiError, ApiRequest
+from router.cluster_index import ClusterIndex
 from router.policy import DispatchPolicy, LeastLoaded
 from router.registry import Registry, WorkerRecord
+from transfer.hash_keys import image_bytes_key, prefix_key
 
 log = logging.getLogger("epd.router")
 
@@ -47,6 +58,12 @@ class RouterCore:
         self.flights: dict[str, _Flight] = {}
         self.metrics = metrics
         self._tasks: list[asyncio.Task] = []
+        self.index = ClusterIndex()
+        self.encoding: dict[str, asyncio.Future] = {}  # image bytes key -> its ImageRef, while encoding
+        self.encode_jobs: dict[str, tuple[str, list[str]]] = {}  # request id -> (encode worker, bytes keys)
+        self.prefix_exports: dict[str, tuple[str, str]] = {}  # store key -> (asking worker, holder)
+        self.cache_stats: Counter[str] = Counter(images_from_cluster_cache=0, images_encode_shared=0,
+                                                 prefix_queries=0, prefix_hits=0)
 
     # ---- sockets ----------------------------------------------------------------------------
     async def start(self, worker_addr: str, control_addr: str | None = None) -> None:
@@ -140,9 +157,56 @@ class RouterCore:
         return worker
 
     def _generate_msg(self, req: ApiRequest, prefill_only: bool, refs=()) -> m.GenerateRequest:
+        # Raw images ride along with refs: the worker encodes one itself if its pull fails.
         return m.GenerateRequest(req.request_id, req.sampling, req.messages, req.prompt, req.prompt_token_ids,
-                                 req.add_generation_prompt, [] if refs else list(req.images), list(refs),
-                                 prefill_only)
+                                 req.add_generation_prompt, list(req.images), list(refs), prefill_only)
+
+    async def _encode_stage(self, flight: _Flight) -> list[m.ImageRef]:
+        """One ref per image of the request: from the cluster index, from an encode already under
+        way for another request, or from an encode of the rest sent now. An image whose other
+        request's encode failed gets an empty ref: the prefill worker encodes it."""
+        req = flight.req
+        keys = [image_bytes_key(b) for b in req.images]
+        alive = {w.worker_id for w in self.registry.alive("encode")}
+        refs: list[m.ImageRef | None] = [self.index.embedding_for(k, alive) for k in keys]
+        self.cache_stats["images_from_cluster_cache"] += sum(r is not None for r in refs)
+        todo: dict[str, int] = {}  # bytes key -> index of its first image, for this request to encode
+        for i, (k, ref) in enumerate(zip(keys, refs)):
+            if ref is None and k not in self.encoding and k not in todo:
+                todo[k] = i
+        waits = {k: self.encoding[k] for k, r in zip(keys, refs) if r is None and k in self.encoding}
+        self.cache_stats["images_encode_shared"] += len(waits)
+        mine: dict[str, asyncio.Future] = {}
+        if todo:
+            loop = asyncio.get_running_loop()
+            for k in todo:
+                fut = self.encoding[k] = mine[k] = loop.create_future()
+                fut.add_done_callback(_retrieve)
+            try:
+                worker = await self._to(flight, "encode",
+                                        m.EncodeRequest(req.request_id, [req.images[i] for i in todo.values()]))
+            except ApiError as e:
+                for k in todo:
+                    self._settle(k, error=e)
+                raise
+            self.encode_jobs[req.request_id] = (worker.worker_id, list(todo))
+        got: dict[str, m.ImageRef | None] = {}
+        for k, fut in {**waits, **mine}.items():
+            try:
+                got[k] = await fut
+            except ApiError:
+                if k in todo:
+                    raise  # this request's own encode failed: its error is the answer
+                got[k] = None  # another request's encode failed: the prefill worker encodes it
+        return [ref or got.get(k) or m.ImageRef("", 0, None, {}) for k, ref in zip(keys, refs)]
+
+    def _settle(self, key: str, ref: m.ImageRef | None = None, error: Exception | None = None) -> None:
+        fut = self.encoding.pop(key, None)
+        if fut is not None and not fut.done():
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(ref)
 
     async def _dispatch_first(self, flight: _Flight) -> None:
         req = flight.req
@@ -151,7 +215,8 @@ class RouterCore:
         if self.registry.alive("mixed") and not self.registry.alive("prefill"):
             await self._to(flight, "mixed", self._generate_msg(req, prefill_only=False))
         elif req.images and self.registry.alive("encode"):
-            await self._to(flight, "encode", m.EncodeRequest(req.request_id, list(req.images)))
+            refs = await self._encode_stage(flight)
+            await self._to(flight, "prefill", self._generate_msg(req, True, refs))
         else:
             await self._to(flight, "prefill", self._generate_msg(req, prefill_only=True))
 
@@ -186,10 +251,42 @@ class RouterCore:
             if rec is not None and self.metrics is not None:
                 self.metrics.update_worker(rec)
                 self.metrics.update_counts(self.registry.counts())
+                self.metrics.update_cluster(self.index.stats(), self.cache_stats)
             return
-        self.registry.seen(wid)
+        rec = self.registry.seen(wid)
+        if isinstance(msg, (m.KvCacheEvent, m.EmbeddingCacheEvent)):
+            if rec is not None and rec.alive and rec.info.incarnation == msg.incarnation:
+                if isinstance(msg, m.KvCacheEvent):
+                    self.index.kv_event(wid, msg.stored, msg.evicted)
+                else:
+                    for ref in msg.stored:
+                        self.index.embedding_stored(wid, ref)
+                    for h in msg.evicted:
+                        self.index.embedding_evicted(wid, h)
+            return
+        if isinstance(msg, m.PrefixQuery):
+            await self._prefix_query(wid, msg)
+            return
+        if isinstance(msg, m.PrefixExported):
+            await self._prefix_exported(wid, msg)
+            return
+        if isinstance(msg, m.EncodeDone):
+            job = self.encode_jobs.pop(msg.request_id, None)
+            if job is not None:
+                for k, ref in zip(job[1], msg.images):
+                    self.index.learn_alias(k, ref.content_hash)
+                    self.index.embedding_stored(wid, ref)
+                    self._settle(k, ref)
+        elif isinstance(msg, m.RequestFailed) and msg.request_id in self.encode_jobs:
+            _, keys = self.encode_jobs.pop(msg.request_id)
+            for k in keys:
+                self._settle(k, error=ApiError(msg.status, msg.message, msg.type))
         flight = self.flights.get(getattr(msg, "request_id", ""))
         if isinstance(msg, m.KvTaken):
+            if msg.kv_key in self.prefix_exports:
+                _, holder = self.prefix_exports.pop(msg.kv_key)
+                await self._send_quiet(holder, m.ReleaseKv(msg.kv_key))
+                return
             await self._release_kv(flight, msg.kv_key)
             return
         if flight is None or flight.done:
@@ -199,14 +296,46 @@ class RouterCore:
         if isinstance(msg, m.TokenDelta):
             self._deliver(flight, wid, msg)
         elif isinstance(msg, m.EncodeDone):
-            self._done_with(flight, wid)
-            await self._to(flight, "prefill", self._generate_msg(flight.req, True, msg.images))
+            self._done_with(flight, wid)  # _encode_stage goes on from the settled refs
         elif isinstance(msg, m.PrefillDone):
             flight.kv = (wid, msg.kv_key)
             self._done_with(flight, wid, keep=True)
             await self._to(flight, "decode", m.DecodeRequest(msg.request_id, msg.header, msg.kv_key, msg.holder))
         elif isinstance(msg, m.RequestFailed):
             flight.queue.put_nowait(ApiError(msg.status, msg.message, msg.type))
+
+    # ---- the prefix cache across workers ---------------------------------------------------------
+    async def _prefix_query(self, wid: str, q: m.PrefixQuery) -> None:
+        """Point the asker at the worker holding most of its prompt's blocks (via its export)."""
+        self.cache_stats["prefix_queries"] += 1
+        alive = {w.worker_id for w in self.registry.workers.values() if w.alive and w.role != "encode"}
+        holders, n = self.index.longest_prefix(q.block_hashes, wid, alive)
+        if n > q.local_blocks:
+            flight = self.flights.get(q.request_id)
+            holder = self.policy.choose("kv_holder", [self.registry.workers[h] for h in holders],
+                                        flight.req if flight else None)
+            key = prefix_key(q.request_id, uuid.uuid4().hex[:8])
+            self.prefix_exports[key] = (wid, holder.worker_id)
+            try:
+                await self.sock.send(m.PrefixExport(q.request_id, q.block_hashes[:n], key),
+                                     to=holder.worker_id.encode())
+                return
+            except PeerGone:
+                self.prefix_exports.pop(key, None)
+        await self._send_quiet(wid, m.PrefixAnswer(q.request_id, "", {}, 0))
+
+    async def _prefix_exported(self, holder: str, msg: m.PrefixExported) -> None:
+        entry = self.prefix_exports.get(msg.key)
+        if entry is None:
+            return
+        asker = entry[0]
+        rec = self.registry.workers.get(holder)
+        if msg.num_blocks == 0 or rec is None:
+            self.prefix_exports.pop(msg.key, None)
+            await self._send_quiet(asker, m.PrefixAnswer(msg.request_id, "", {}, 0))
+            return
+        self.cache_stats["prefix_hits"] += 1
+        await self._send_quiet(asker, m.PrefixAnswer(msg.request_id, msg.key, rec.info.transfer, msg.num_blocks))
 
     def _deliver(self, flight: _Flight, wid: str, d: m.TokenDelta) -> None:
         logprobs = None
@@ -257,6 +386,12 @@ class RouterCore:
         self._fail_requests_of(rec, why)
 
     def _fail_requests_of(self, rec: WorkerRecord, why: str) -> None:
+        self.index.forget_worker(rec.worker_id)
+        for rid, (wid, keys) in list(self.encode_jobs.items()):
+            if wid == rec.worker_id:
+                del self.encode_jobs[rid]
+                for k in keys:
+                    self._settle(k, error=ApiError(503, f"the encode worker {wid} failed ({why})", "server_error"))
         for flight in list(self.flights.values()):
             if rec.worker_id in flight.workers and not flight.done:
                 flight.queue.put_nowait(ApiError(
@@ -266,4 +401,10 @@ class RouterCore:
 
     def stats(self) -> dict:
         return {"requests_in_flight": len(self.flights), "workers": self.registry.counts(),
-                "time": time.time()}
+                "cluster_index": self.index.stats(), "cache": dict(self.cache_stats), "time": time.time()}
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Mark a settled future's exception as seen: its waiter may have gone (client left)."""
+    if not fut.cancelled():
+        fut.exception()

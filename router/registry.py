@@ -26,6 +26,7 @@ class WorkerRecord:
     prefix_hit_tokens: int = 0
     prefix_query_tokens: int = 0
     transfer_pulls: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)  # bus.messages.CACHE_COUNTERS
     in_flight: set[str] = field(default_factory=set)  # request ids the router has sent here
 
     @property
@@ -70,6 +71,7 @@ class Registry:
         rec.images_encoded = hb.images_encoded
         rec.prefix_hit_tokens, rec.prefix_query_tokens = hb.prefix_hit_tokens, hb.prefix_query_tokens
         rec.transfer_pulls = dict(hb.transfer_pulls)
+        rec.counters = dict(hb.counters)
         return rec
 
     def expire(self) -> list[WorkerRecord]:

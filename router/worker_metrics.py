@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bus.messages import CACHE_COUNTERS
 from router.metrics import ApiMetrics
 from router.registry import WorkerRecord
 
@@ -22,6 +23,11 @@ class WorkerMetrics:
         self.pulls = g("epd:transfer_pulls_total", "Tensors pulled from peers, by transfer backend.",
                        ["worker", "role", "backend"])
         self.alive = g("epd:workers_alive", "Workers registered and heartbeating.", ["role"])
+        self.cache = {name: g(f"epd:{name}_total", doc, ["worker", "role"]) for name, doc in CACHE_COUNTERS.items()}
+        self.index = g("epd:cluster_index_entries", "Entries in the router's cluster index, by kind.", ["kind"])
+        self.router_cache = g("epd:cluster_cache_total", "Cluster-cache events seen by the router: images "
+                              "served from an encode worker's cache or from another request's encode, "
+                              "prefix queries and the ones another worker answered.", ["event"])
 
     def update_worker(self, rec: WorkerRecord) -> None:
         labels = {"worker": rec.worker_id, "role": rec.role}
@@ -34,6 +40,16 @@ class WorkerMetrics:
         self.prefix_queries.labels(**labels).set(rec.prefix_query_tokens)
         for backend, n in rec.transfer_pulls.items():
             self.pulls.labels(backend=backend, **labels).set(n)
+        for name, n in rec.counters.items():
+            gauge = self.cache.get(name)
+            if gauge is not None:
+                gauge.labels(**labels).set(n)
+
+    def update_cluster(self, index_stats: dict[str, int], router_stats: dict[str, int]) -> None:
+        for kind, n in index_stats.items():
+            self.index.labels(kind=kind).set(n)
+        for event, n in router_stats.items():
+            self.router_cache.labels(event=event).set(n)
 
     def update_counts(self, counts: dict[str, int]) -> None:
         for role in ("encode", "prefill", "decode", "mixed"):

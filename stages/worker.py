@@ -5,6 +5,15 @@ role, KV geometry, transfer addresses, an incarnation id), heartbeats its
 load, and serves what the router sends. The engine runs in its own thread;
 this asyncio loop only moves messages and bytes. Every role loads the full
 model, so a later role switch needs no reload.
+
+Content-hash caches: an encode worker keeps embeddings pullable by pixel hash
+(LRU within a byte budget); prefill/decode/mixed workers keep KV blocks by
+chained block hash (the engine's prefix cache). Both report what they store
+and evict to the router's cluster index (``KvCacheEvent``,
+``EmbeddingCacheEvent``). Before queueing a prompt, a prefill or mixed worker
+asks the router who holds more of its prefix than it does, and pulls those
+blocks instead of recomputing them; a pulled embedding or prefix is checked
+(token ids, shapes) before use, and a failed pull falls back to computing.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import os
 import signal
 import time
 import uuid
+from collections import Counter
 
 import torch
 
@@ -29,11 +39,13 @@ from stages.engine.llm_engine import LLMEngine
 from stages.engine.outputs import RequestOutput
 from stages.engine_thread import EngineThread
 from stages.wire import handoff_header, output_to_delta
+from transfer.base import TransferError
 from transfer.select import make_backend
 
 log = logging.getLogger("epd.stage")
 HEARTBEAT_S = 1.0
-PULL_TIMEOUT_S = 30.0
+CACHE_EVENTS_S = 0.1  # how often stored/evicted hashes go to the cluster index
+PREFIX_ANSWER_TIMEOUT_S = 2.0  # past this, a prefix is computed here rather than waited for
 ABORT_MEMORY_S = 120.0
 
 
@@ -45,6 +57,10 @@ class StageWorker:
         self.incarnation = uuid.uuid4().hex
         self.done = asyncio.Event()
         self.embed_keys: dict[str, int] = {}  # encode role: published embeddings -> bytes (LRU order)
+        self.embed_events: list[tuple[bool, object]] = []  # (stored?, ImageRef | hash) for the index
+        self.prefix_answers: dict[str, asyncio.Future] = {}  # request id -> PrefixAnswer awaited
+        self.counters: Counter[str] = Counter({name: 0 for name in m.CACHE_COUNTERS})
+        self.pull_timeout = args.pull_timeout
         # Aborts can overtake the work they cancel (it may be pulling its KV): remember them a while.
         self.aborted: dict[str, float] = {}
 
@@ -57,6 +73,10 @@ class StageWorker:
                            max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                            enable_prefix_caching=not a.no_prefix_caching)
         self.engine = LLMEngine(cfg)
+        if self.role != "encode":
+            self.engine.blocks.record_events()
+        text_cfg = getattr(self.engine.hf_config, "text_config", None) or self.engine.hf_config
+        self.embed_dim = text_cfg.hidden_size  # an image embedding row must be this wide
         self.loop = asyncio.get_running_loop()
         self.transfer = make_backend(a.transfer, a.host)
         await self.transfer.start()
@@ -69,7 +89,8 @@ class StageWorker:
                             bool(eng.runner.model.is_multimodal), self.transfer.card, os.getpid())
         await self.sock.send(m.WorkerReady(info))
         log.info("%s ready (%s on %s)", self.worker_id, self.role, eng.device)
-        tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeats())]
+        tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeats()),
+                 asyncio.create_task(self._cache_events())]
         if a.control:
             self.sub = AsyncSocket("sub", a.control, bind=False)
             tasks.append(asyncio.create_task(self._control_loop()))
@@ -91,8 +112,32 @@ class StageWorker:
             await self.sock.send(m.Heartbeat(
                 self.worker_id, self.incarnation, len(sched.running), len(sched.waiting),
                 blocks.num_used_blocks, blocks.num_blocks, eng.runner.num_images_encoded,
-                blocks.prefix_hits, blocks.prefix_queries, dict(self.transfer.pulls_by_backend)))
+                blocks.prefix_hits, blocks.prefix_queries, dict(self.transfer.pulls_by_backend),
+                dict(self.counters)))
             await asyncio.sleep(HEARTBEAT_S)
+
+    async def _cache_events(self) -> None:
+        """Tell the router's cluster index what this worker's caches gained and lost."""
+        events = self.engine.blocks.events
+        while True:
+            await asyncio.sleep(CACHE_EVENTS_S)
+            if events:
+                stored, evicted = [], []
+                while events:
+                    is_stored, h = events.popleft()  # the engine thread appends concurrently
+                    hx = f"{h:032x}"
+                    if is_stored:
+                        stored.append(hx)
+                    elif hx in stored:  # came and went within one batch
+                        stored.remove(hx)
+                    else:
+                        evicted.append(hx)
+                await self.sock.send(m.KvCacheEvent(self.worker_id, self.incarnation, stored, evicted))
+            if self.embed_events:
+                batch, self.embed_events = self.embed_events, []
+                await self.sock.send(m.EmbeddingCacheEvent(
+                    self.worker_id, self.incarnation, [x for ok, x in batch if ok],
+                    [x for ok, x in batch if not ok]))
 
     async def _control_loop(self) -> None:
         while True:
@@ -103,7 +148,8 @@ class StageWorker:
 
     async def _recv_loop(self) -> None:
         handlers = {m.GenerateRequest: self._generate, m.EncodeRequest: self._encode,
-                    m.DecodeRequest: self._decode, m.AbortRequest: self._abort, m.ReleaseKv: self._release}
+                    m.DecodeRequest: self._decode, m.AbortRequest: self._abort, m.ReleaseKv: self._release,
+                    m.PrefixExport: self._export_prefix, m.PrefixAnswer: self._prefix_answer}
         while True:
             _, msg = await self.sock.recv()
             handler = handlers.get(type(msg))
@@ -130,9 +176,7 @@ class StageWorker:
 
     # ---- handlers ---------------------------------------------------------------------------
     async def _generate(self, msg: m.GenerateRequest) -> None:
-        images: list = list(msg.images)
-        if msg.image_refs:
-            images = await asyncio.gather(*(self._pull_embedding(r) for r in msg.image_refs))
+        images = await self._request_images(msg)
         if msg.messages is not None:
             prompt = self.engine.inputs.render_chat(msg.messages, msg.add_generation_prompt)
             n_parts = len(prompt["multi_modal_data"]["image"])
@@ -146,25 +190,110 @@ class StageWorker:
         else:
             raise ValueError("the request has no messages, prompt or prompt_token_ids")
         params = SamplingParams.from_dict(msg.sampling)
-        if self._was_aborted(msg.request_id):
+        rid = msg.request_id
+        if self._was_aborted(rid):
             return
-        await self.threads.call(lambda e: e.add_request(msg.request_id, prompt, params,
-                                                        prefill_only=msg.prefill_only))
+
+        def prepare(e: LLMEngine):
+            req = e.prepare_request(rid, prompt, params, prefill_only=msg.prefill_only)
+            return (req, *e.prefix_probe(req))
+
+        req, hashes, local = await self.threads.call(prepare)
+        prefix = None
+        if len(hashes) > local and self.role in ("prefill", "mixed"):
+            prefix = await self._fetch_prefix(rid, hashes, local)
+        if self._was_aborted(rid):
+            return
+        used = await self.threads.call(lambda e: e.submit(req, prefix))
+        self.counters["kv_prefix_blocks_fetched"] += used // self.engine.config.block_size
+
+    async def _request_images(self, msg: m.GenerateRequest) -> list:
+        """The request's images: pulled embeddings where refs came, raw bytes otherwise.
+
+        A failed or mismatched pull falls back to the raw image (encoded here) when it came too.
+        """
+        if not msg.image_refs:
+            return list(msg.images)
+
+        async def one(i: int, ref: m.ImageRef):
+            raw = msg.images[i] if i < len(msg.images) else None
+            if not ref.content_hash:
+                if raw is None:
+                    raise ValueError(f"image {i} came with neither an embedding reference nor its bytes")
+                return raw
+            try:
+                return await self._pull_embedding(ref)
+            except TransferError as e:
+                if raw is None:
+                    raise
+                log.warning("request %s: image %d: %s; encoding it here", msg.request_id, i, e)
+                self.counters["embedding_pull_fallbacks"] += 1
+                return raw
+
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(msg.image_refs))))
 
     async def _pull_embedding(self, ref: m.ImageRef) -> PreparedImage:
-        (emb,) = await self.transfer.pull(ref.holder, f"emb/{ref.content_hash}", timeout=PULL_TIMEOUT_S,
+        key = f"emb/{ref.content_hash}"
+        (emb,) = await self.transfer.pull(ref.holder, key, timeout=self.pull_timeout,
                                           device=str(self.engine.device))
+        if emb.ndim != 2 or tuple(emb.shape) != (ref.num_tokens, self.embed_dim):
+            raise TransferError(f"{key} holds an embedding of shape {tuple(emb.shape)}; "
+                                f"expected ({ref.num_tokens}, {self.embed_dim})")
         grid = tuple(ref.grid_thw) if ref.grid_thw else None
         return PreparedImage(ref.content_hash, ref.num_tokens, grid, emb)
 
+    # ---- the prefix cache across workers ----------------------------------------------------
+    async def _fetch_prefix(self, rid: str, hashes: list[int], local: int):
+        """(KV, token ids) of more leading blocks than held here, from whoever holds them; or None."""
+        fut = self.loop.create_future()
+        self.prefix_answers[rid] = fut
+        try:
+            await self.sock.send(m.PrefixQuery(rid, [f"{h:032x}" for h in hashes], local))
+            ans: m.PrefixAnswer = await asyncio.wait_for(fut, PREFIX_ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("request %s: no prefix answer within %.1f s; computing it", rid, PREFIX_ANSWER_TIMEOUT_S)
+            return None
+        finally:
+            self.prefix_answers.pop(rid, None)
+        if ans.num_blocks <= local:
+            return None
+        try:
+            kv, tokens = await self.transfer.pull(ans.holder, ans.key, timeout=self.pull_timeout,
+                                                  device=str(self.engine.device))
+            return kv, tokens.cpu()
+        except (TransferError, ValueError) as e:
+            log.warning("request %s: prefix pull failed (%s); computing it", rid, e)
+            self.counters["kv_prefix_fetch_failures"] += 1
+            return None
+        finally:
+            await self.sock.send(m.KvTaken(rid, ans.key))  # the holder may drop its copy now
+
+    async def _prefix_answer(self, msg: m.PrefixAnswer) -> None:
+        fut = self.prefix_answers.get(msg.request_id)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def _export_prefix(self, msg: m.PrefixExport) -> None:
+        """Copy out the asked prefix blocks for another worker (never fails the asker's request)."""
+        n = 0
+        try:
+            hashes = [int(h, 16) for h in msg.block_hashes]
+            out = await self.threads.call(lambda e: e.export_prefix(hashes))
+            if out is not None:
+                self.transfer.put(msg.key, list(out))
+                # Dropped when the asker says it took it, or after a pull's worth of time.
+                self.loop.call_later(2 * self.pull_timeout + PREFIX_ANSWER_TIMEOUT_S, self.transfer.drop, msg.key)
+                n = out[1].numel() // self.engine.config.block_size
+                self.counters["kv_prefix_blocks_exported"] += n
+        except Exception:  # noqa: BLE001 - the asker computes instead
+            log.exception("exporting a prefix for %s failed", msg.request_id)
+        await self.sock.send(m.PrefixExported(msg.request_id, msg.key, n))
+
     async def _encode(self, msg: m.EncodeRequest) -> None:
         prepared = await self.threads.call(lambda e: e.encode_images(msg.images))
-        refs = []
         for p in prepared:
             self._publish_embedding(p)
-            refs.append(m.ImageRef(p.content_hash, p.num_tokens, list(p.grid_thw) if p.grid_thw else None,
-                                   self.transfer.card))
-        await self.sock.send(m.EncodeDone(msg.request_id, refs))
+        await self.sock.send(m.EncodeDone(msg.request_id, [self._ref(p) for p in prepared]))
 
     def _publish_embedding(self, p: PreparedImage) -> None:
         """Keep encoded embeddings pullable under their content hash, within a byte budget (LRU)."""
@@ -175,14 +304,20 @@ class StageWorker:
             return
         self.transfer.put(key, [p.embedding])
         self.embed_keys[key] = size
+        self.embed_events.append((True, self._ref(p)))
         budget = self.engine.config.encoder_cache_mb << 20
         while sum(self.embed_keys.values()) > budget and len(self.embed_keys) > 1:
             old = next(iter(self.embed_keys))
             del self.embed_keys[old]
             self.transfer.drop(old)
+            self.embed_events.append((False, old.removeprefix("emb/")))
+
+    def _ref(self, p: PreparedImage) -> m.ImageRef:
+        return m.ImageRef(p.content_hash, p.num_tokens, list(p.grid_thw) if p.grid_thw else None,
+                          self.transfer.card)
 
     async def _decode(self, msg: m.DecodeRequest) -> None:
-        tensors = await self.transfer.pull(msg.holder, msg.kv_key, timeout=PULL_TIMEOUT_S,
+        tensors = await self.transfer.pull(msg.holder, msg.kv_key, timeout=self.pull_timeout,
                                            device=str(self.engine.device))
         await self.sock.send(m.KvTaken(msg.request_id, msg.kv_key))
         h = msg.header
@@ -243,6 +378,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--worker-id")
     ap.add_argument("--host", default="127.0.0.1", help="address this worker's transfer server binds")
     ap.add_argument("--transfer", default="auto", choices=["auto", "shm", "zmq", "ucx"])
+    ap.add_argument("--pull-timeout", type=float, default=30.0,
+                    help="seconds a pull from a peer may take before it counts as dead")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--load-format", default="auto")

@@ -14,7 +14,7 @@ block's stored token ids before use.
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import xxhash
 
@@ -45,6 +45,12 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> block id
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
+        # (stored?, hash) in the order they happened, for the cluster index; a worker turns
+        # this on (``record_events``) and drains it. Off in offline use: nobody would drain it.
+        self.events: deque[tuple[bool, int]] | None = None
+
+    def record_events(self, limit: int = 1 << 20) -> None:
+        self.events = deque(maxlen=limit)
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -107,7 +113,38 @@ class BlockManager:
             h = hashes[i]
             self.block_hash[block] = h
             self.block_tokens[block] = tuple(seq.token_ids(i * bs, (i + 1) * bs))
-            self.cached.setdefault(h, block)
+            if h not in self.cached:
+                self.cached[h] = block
+                if self.events is not None:
+                    self.events.append((True, h))
+
+    # ---- the prefix as other workers see it ---------------------------------------------------
+    def prefix_hashes(self, seq: Sequence) -> list[int]:
+        """Hashes of the full prompt blocks a prefix hit could cover (never the last token's)."""
+        n_blocks = (seq.num_tokens - 1) // self.block_size
+        return list(self._full_block_hashes(seq, n_blocks * self.block_size)[:n_blocks])
+
+    def cached_run(self, seq: Sequence) -> int:
+        """How many leading prompt blocks of ``seq`` this pool holds now (tokens re-checked)."""
+        if not self.enable_caching:
+            return 0
+        bs, n = self.block_size, 0
+        for i, h in enumerate(self.prefix_hashes(seq)):
+            block = self.cached.get(h)
+            if block is None or self.block_tokens[block] != tuple(seq.token_ids(i * bs, (i + 1) * bs)):
+                break
+            n += 1
+        return n
+
+    def blocks_of(self, hashes: list[int]) -> list[int]:
+        """The blocks holding the longest leading run of ``hashes`` held here."""
+        out = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            out.append(block)
+        return out
 
     # ---- allocation -------------------------------------------------------------------------
     def can_allocate(self, n_blocks: int) -> bool:
@@ -130,6 +167,8 @@ class BlockManager:
         if h is not None:
             if self.cached.get(h) == block:
                 del self.cached[h]
+                if self.events is not None:
+                    self.events.append((False, h))
             self.block_hash[block] = None
             self.block_tokens[block] = None
 

@@ -95,6 +95,14 @@ class LLMEngine:
         ``prefill_only``: stop after the first token and hold the KV blocks for
         :meth:`export_handoff` (the prefill stage of a disaggregated deployment).
         """
+        self.submit(self.prepare_request(request_id, prompt, params, images, prefill_only))
+
+    def prepare_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                        images: list | None = None, prefill_only: bool = False) -> _Request:
+        """Validate and tokenize a request without queueing it (``submit`` queues it).
+
+        Between the two a worker may look for the prompt's prefix elsewhere in the cluster.
+        """
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -120,8 +128,49 @@ class LLMEngine:
                                        params.spaces_between_special_tokens)
         req = _Request(seq, detok, gen)
         req.prefill_only = prefill_only
-        self.requests[request_id] = req
+        return req
+
+    def submit(self, req: _Request, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+        """Queue a prepared request; ``prefix`` = (KV, token ids) of its first blocks, computed
+        by another worker. The prefix is checked (tokens, shape) and used only when it covers
+        more than this pool already holds; returns the tokens taken from it (0 if not used).
+        """
+        seq = req.seq
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        used = 0
+        if prefix is not None:
+            used = self._attach_prefix(seq, *prefix)
+        self.requests[seq.request_id] = req
         self.scheduler.add(seq)
+        return used
+
+    def _attach_prefix(self, seq: Sequence, kv: torch.Tensor, tokens: torch.Tensor) -> int:
+        n = int(tokens.numel())
+        bs = self.config.block_size
+        if n == 0 or n % bs or n >= seq.num_tokens or n <= self.blocks.cached_run(seq) * bs:
+            return 0
+        if tokens.tolist() != seq.prompt_token_ids[:n] or tuple(kv.shape) != self.runner.kv_shape(n):
+            log.warning("request %s: a fetched prefix does not match its prompt (%s tokens, kv %s); "
+                        "computing it instead", seq.request_id, n, tuple(kv.shape))
+            return 0
+        seq.pending_kv = kv
+        seq.num_computed_tokens = seq.num_cached_tokens = n
+        return n
+
+    def prefix_probe(self, req: _Request) -> tuple[list[int], int]:
+        """The prompt's full-block hashes and how many leading blocks this pool holds."""
+        if not self.config.enable_prefix_caching:
+            return [], 0
+        return self.blocks.prefix_hashes(req.seq), self.blocks.cached_run(req.seq)
+
+    def export_prefix(self, hashes: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Copy out the KV and token ids of the longest leading run of ``hashes`` held here."""
+        blocks = self.blocks.blocks_of(hashes)
+        if not blocks:
+            return None
+        tokens = [t for b in blocks for t in self.blocks.block_tokens[b]]
+        return self.runner.read_blocks(blocks), torch.tensor(tokens, dtype=torch.int64)
 
     def _split_prompt(self, prompt, images):
         if isinstance(prompt, dict):

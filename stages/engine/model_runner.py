@@ -74,10 +74,22 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return torch.tensor([table[i // bs] * bs + i % bs for i in range(n)], device=self.device)
 
-    @torch.inference_mode()
     def read_kv(self, seq: Sequence, n: int) -> torch.Tensor:
         """KV of ``seq``'s first ``n`` tokens: [layers, 2, n, kv_heads, head_dim] (a copy)."""
-        slots = self._token_slots(seq, n)
+        return self._read_slots(self._token_slots(seq, n))
+
+    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """KV of whole blocks, in order, shaped like :meth:`read_kv`'s."""
+        bs = self.block_size
+        return self._read_slots(torch.tensor([b * bs + i for b in blocks for i in range(bs)], device=self.device))
+
+    def kv_shape(self, n: int) -> tuple[int, ...]:
+        """The shape :meth:`read_kv` gives for ``n`` tokens (what an imported KV must have)."""
+        k = self.kv_caches[0][0]
+        return (len(self.kv_caches), 2, n, *k.shape[2:])
+
+    @torch.inference_mode()
+    def _read_slots(self, slots: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.stack([k.view(-1, *k.shape[2:])[slots], v.view(-1, *v.shape[2:])[slots]])
                             for k, v in self.kv_caches])
 
