@@ -1,6 +1,7 @@
 """The transfer layer between real processes: a spawned holder publishes, this process pulls.
 
-Every pull goes over each backend (shm, zmq) and through the auto choice;
+Every pull goes over each backend (shm, zmq) and through the auto choice
+(ucx has its own module, tests/test_transfer_ucx.py);
 faults are real (a SIGKILLed holder, a holder whose loop is stuck), and the
 shm segments in /dev/shm are counted before and after.
 """
@@ -200,6 +201,7 @@ def test_concurrent_pulls_to_one_peer(holder, expected, backend):
 def test_auto_picks_shm_on_the_same_host(holder, expected):
     _, _, card = holder
     assert card["host_id"] == host_id()
+    card = {k: v for k, v in card.items() if k != "ucx"}  # ucx comes first where both run it
 
     async def pulls(t):
         assert_same(await t.pull(json.dumps(card), "mix", timeout=10), expected["mix"])  # as sent on the bus
@@ -207,7 +209,9 @@ def test_auto_picks_shm_on_the_same_host(holder, expected):
         assert_same(await t.pull(elsewhere, "mix", timeout=10), expected["mix"])
         return dict(t.pulls_by_backend)
 
-    assert run(pulls) == {"shm": 1, "zmq": 1}
+    by_backend = run(pulls)
+    assert by_backend.pop("ucx", 0) == 0
+    assert by_backend == {"shm": 1, "zmq": 1}
 
 
 def test_wedged_holder_times_out_and_its_segment_is_released(holder):
@@ -255,13 +259,14 @@ def test_killed_holder_times_out_and_its_segments_are_swept():
                 await t.backend(name).pull(card[name], "mix", timeout=1.0)
             elapsed[name] = time.monotonic() - t0
         t0 = time.monotonic()
-        with pytest.raises(TransferTimeout):
+        # Through ucx where both run it: an endpoint to a dead worker fails at once.
+        with pytest.raises(TransferTimeout if "ucx" not in card else TransferError):
             await t.pull(card, "mix", timeout=1.0)
         elapsed["auto"] = time.monotonic() - t0
         return elapsed
 
     for name, dt in run(pull_dead).items():
-        assert 1.0 <= dt < 1.0 + 0.3, (name, dt)
+        assert (1.0 if name != "auto" or "ucx" not in card else 0) <= dt < 1.0 + 0.3, (name, dt)
 
 
 @pytest.fixture
@@ -297,9 +302,7 @@ def test_full_shm_is_a_clean_error(tiny_tmpfs):
 
 
 def test_choices_and_bad_input():
-    with pytest.raises(ValueError, match="UCX backend is not available yet"):
-        make_backend("ucx", "127.0.0.1")
-    with pytest.raises(ValueError, match="auto, shm, zmq"):
+    with pytest.raises(ValueError, match="auto, ucx, shm, zmq"):
         make_backend("rdma", "127.0.0.1")
     t = make_backend("zmq", "127.0.0.1")
     assert isinstance(t, MultiTransfer) and t.backend("shm") is None
@@ -323,7 +326,7 @@ def test_zz_no_segment_left_behind(holder, shm_before):
     conn.send(("stats",))
     stats = conn.recv()
     assert stats["lent"] == 0  # every pull released its segment
-    assert stats["pulls_by_backend"] == {"shm": 0, "zmq": 0}  # the holder only served
+    assert set(stats["pulls_by_backend"].values()) == {0}  # the holder only served
     assert stats["backends"]["shm"]["pulls_served"] > 0 and stats["backends"]["zmq"]["pulls_served"] > 0
     assert _segments(proc.pid), "the pool keeps released segments for reuse"
     conn.send(("close",))

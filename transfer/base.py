@@ -51,7 +51,7 @@ class TransferBackend(ABC):
     key published once is served by each of them.
     """
 
-    name: ClassVar[str]  # "shm" | "zmq" (later "ucx")
+    name: ClassVar[str]  # "ucx" | "shm" | "zmq"
 
     def __init__(self, store: dict[str, list[torch.Tensor]] | None = None):
         self._store: dict[str, list[torch.Tensor]] = {} if store is None else store

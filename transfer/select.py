@@ -1,9 +1,10 @@
 """Which transport a pull takes: per peer, decided by the peer's card.
 
 A worker runs one server per transport it offers and advertises them all in
-one *card*, ``{"host_id": ..., "shm": <addr>, "zmq": <addr>}`` (its
-``MultiTransfer.address`` is that card as JSON, its ``.card`` the dict). A
-puller takes shm when the peer has the same host id and offers shm, else zmq.
+one *card*, ``{"host_id": ..., "ucx": <addr>, "shm": <addr>, "zmq": <addr>}``
+(its ``MultiTransfer.address`` is that card as JSON, its ``.card`` the dict).
+A puller takes the first transport both ends run, in the order ucx, shm (only
+when the peer has the same host id), zmq.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 
 from transfer.base import TransferBackend, TransferError
 from transfer.shm_backend import SHM_DIR, ShmBackend, shm_available
+from transfer.ucx_backend import UcxBackend, ucx_available
 from transfer.zmq_backend import ZmqBackend
 
-KINDS = ("auto", "shm", "zmq")
+KINDS = ("auto", "ucx", "shm", "zmq")
 
 
 @functools.cache
@@ -87,6 +89,9 @@ class MultiTransfer(TransferBackend):
     def choose(self, peer: dict | str) -> tuple[TransferBackend, str]:
         """The backend to pull from ``peer`` with, and the peer's address for it."""
         card = _card(peer)
+        ucx = self._backends.get("ucx")
+        if ucx is not None and "ucx" in card:
+            return ucx, card["ucx"]
         shm = self._backends.get("shm")
         if shm is not None and "shm" in card and card.get("host_id") == self.host_id:
             return shm, card["shm"]
@@ -141,17 +146,19 @@ def _card(peer: dict | str) -> dict:
 def make_backend(kind: str, host: str) -> MultiTransfer:
     """The transfer layer of one worker: ``kind`` picks the transports it runs.
 
-    ``auto``: shm (when this host has a usable /dev/shm) and zmq on ``host``;
+    ``auto``: ucx (when ucxx imports and UCX starts), shm (when this host has a
+    usable /dev/shm) and zmq on ``host``; ``ucx``: ucx only (raises
+    ``UcxUnavailable``, naming the pip package, when it cannot run);
     ``shm``: shm only (same-host peers only); ``zmq``: zmq only. Every kind
     returns a ``MultiTransfer``, so workers always exchange cards and a
     ``zmq`` worker and an ``auto`` worker still understand each other.
     """
-    if kind == "ucx":
-        raise ValueError("the UCX backend is not available yet")
     if kind not in KINDS:
         raise ValueError(f"unknown transfer backend {kind!r}; choose one of {', '.join(KINDS)}")
     store: dict = {}
     backends: list[TransferBackend] = []
+    if kind == "ucx" or (kind == "auto" and ucx_available()):
+        backends.append(UcxBackend(store=store))
     if kind == "shm" or (kind == "auto" and shm_available()):
         backends.append(ShmBackend(store=store))
     if kind in ("auto", "zmq"):

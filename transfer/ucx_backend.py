@@ -1,0 +1,392 @@
+"""UCX backend: tensor bytes move by UCX tag messages between persistent endpoints.
+
+Every process runs one UCX worker (ucxx's asyncio context, progress mode
+``blocking`` unless ``UCXPY_PROGRESS_MODE`` says otherwise). A backend's
+address is ``ucx://<service id>/<worker address>`` (the worker address
+base64url): endpoints are made straight from it, with endpoint error handling
+off. Both choices are what made ucxx fast here (9.8 GB/s between two
+processes, against 0.76 through a listener, which stays on tcp).
+
+A pull, all messages tagged (64-bit tags, matched exactly):
+
+- the puller posts a receive for the reply header on a tag base unique to this
+  pull (``counter << 16`` of a process-wide counter: tags are never reused),
+  then sends ``{"v", "op": "pull", "id", "key", "tag", "reply", "timeout"}``
+  to the holder's request tag (``1 << 63 | service id``; ``reply`` is its own
+  worker address);
+- the holder answers on an endpoint to ``reply``: the header
+  ``{"v", "id", "ok": true, "tensors": [[dtype, shape], ...]}`` on ``tag``,
+  then tensor ``i``'s contiguous bytes on ``tag + 1 + i`` (empty ones are not
+  sent); or ``{"ok": false, "err": "not_found" | "error", "msg"}`` alone;
+- the puller allocates each tensor on ``device`` and receives straight into it
+  (as uint8 bytes: bf16 and fp8 have no numpy twin).
+
+Endpoints belong to the process (as its UCX worker does) and live as long as
+it, shared by its backends: UCX pairs the endpoints of two workers, and
+aborting one breaks the rendezvous of messages sent through its twin.
+
+Error handling off means UCX never reports a dead peer; deadlines do. A pull
+past its ``timeout`` raises ``TransferTimeout`` and condemns the endpoint: it
+is aborted (cancelling every receive still posted on it) once no other pull
+uses it, and the next pull makes a fresh one. A holder gives up sending after
+the puller's timeout plus a grace and aborts its endpoint the same way. A
+reply that comes after its pull gave up carries tags nobody will ever receive
+again, so it can never land in another pull's tensors. A holder that was only
+wedged may fail the first large reply after it recovers (its endpoint's twin
+is gone: the puller sees a ``TransferError`` at once, not a hang); its own
+deadline then replaces that endpoint too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import logging
+import os
+import secrets
+import struct
+
+import msgpack
+import numpy as np
+import torch
+
+from transfer.base import KeyNotFound, TransferBackend, TransferError, TransferTimeout
+from transfer.wire import VERSION, byte_view, describe, dtype_from_name, nbytes, numel
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'epd[ucx]' (PyPI ucxx-cu12; ucxx-cu13 for CUDA 13)"
+_SCHEME = "ucx://"
+_CTRL_BYTES = 64 << 10  # a request or a reply header: a key, an address, a few shapes
+_REQUEST_BIT = 1 << 63
+_FRAME_BITS = 16  # tag = pull tag base | (1 + tensor index)
+_MAX_TENSORS = (1 << _FRAME_BITS) - 2
+_GRACE_S = 2.0  # a holder sends for the puller's timeout plus this, then gives up
+# Tag bases of this process's pulls: never reused, so a late reply matches nothing.
+_pull_tags = itertools.count(1)
+
+
+class UcxUnavailable(TransferError):
+    """ucxx is not installed here, or UCX did not start."""
+
+
+def _ucxx():
+    """The ucxx module with its context started (blocking progress by default)."""
+    # ucxx sets UCX_MEMTYPE_CACHE for old UCX releases; current ones warn about it at every start.
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    try:
+        import ucxx
+    except ImportError as e:
+        raise UcxUnavailable(f"the ucx transfer backend needs ucxx: {INSTALL_HINT} ({e})") from None
+    try:
+        ucxx.init(progress_mode=os.environ.get("UCXPY_PROGRESS_MODE", "blocking"))
+    except RuntimeError as e:
+        if "already initiated" not in str(e):
+            raise UcxUnavailable(f"UCX did not start: {e}; {INSTALL_HINT}") from None
+    except Exception as e:  # noqa: BLE001 - UCXError and friends: no usable transport
+        raise UcxUnavailable(f"UCX did not start: {type(e).__name__}: {e}; {INSTALL_HINT}") from None
+    return ucxx
+
+
+_available: bool | None = None
+
+
+def ucx_available() -> bool:
+    """True when ucxx imports and its UCX context starts (checked once per process)."""
+    global _available
+    if _available is None:
+        try:
+            _ucxx()
+            _available = True
+        except UcxUnavailable as e:
+            log.info("ucx transfer backend unavailable: %s", e)
+            _available = False
+    return _available
+
+
+def _frame(obj: dict) -> np.ndarray:
+    body = msgpack.packb(obj)
+    if len(body) + 4 > _CTRL_BYTES:
+        raise TransferError(f"control message of {len(body)} bytes is over {_CTRL_BYTES}")
+    return np.frombuffer(struct.pack("<I", len(body)) + body, dtype=np.uint8)
+
+
+def _unframe(buf: np.ndarray) -> dict:
+    (n,) = struct.unpack_from("<I", buf)
+    if n > len(buf) - 4:
+        raise ValueError("control message longer than its buffer")
+    obj = msgpack.unpackb(buf[4:4 + n].tobytes())
+    if not isinstance(obj, dict) or obj.get("v") != VERSION:
+        raise ValueError(f"not a v{VERSION} message")
+    return obj
+
+
+def _split_address(address: str) -> tuple[int, bytes]:
+    """``ucx://<sid hex>/<worker address>`` -> (request tag, worker address bytes)."""
+    try:
+        if not address.startswith(_SCHEME):
+            raise ValueError
+        sid, _, addr = address[len(_SCHEME):].partition("/")
+        return _REQUEST_BIT | int(sid, 16), base64.urlsafe_b64decode(addr)
+    except (ValueError, TypeError):
+        raise TransferError(f"not a ucx address: {address!r}") from None
+
+
+def _send_buffer(t: torch.Tensor):
+    """What ucxx sends for ``t``: its contiguous bytes (CUDA stays on the device)."""
+    t = t.detach().resolve_conj().resolve_neg().contiguous()
+    flat = byte_view(t)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+def _recv_buffer(t: torch.Tensor):
+    flat = byte_view(t)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+class _Peer:
+    """One endpoint to one remote worker, shared by pulls from it and replies to it."""
+
+    def __init__(self, ep):
+        self.ep = ep
+        self.users = 0
+        self.condemned = False  # a deadline passed on it: abort once nobody uses it
+        self.keep: list = []  # buffers UCX may still write or read until the abort
+
+
+# This process's endpoints, by remote worker address (see the module docstring).
+_peers: dict[bytes, _Peer] = {}
+_connecting: dict[bytes, asyncio.Future] = {}
+
+
+async def _peer(ucx, worker_address: bytes) -> _Peer:
+    peer = _peers.get(worker_address)
+    if peer is not None:
+        return peer
+    pending = _connecting.get(worker_address)
+    if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+        pending = asyncio.ensure_future(_connect(ucx, worker_address))
+        _connecting[worker_address] = pending
+        pending.add_done_callback(lambda f: _connecting.pop(worker_address, None)
+                                  if _connecting.get(worker_address) is f else None)
+    return await asyncio.shield(pending)
+
+
+async def _connect(ucx, worker_address: bytes) -> _Peer:
+    try:
+        remote = ucx.get_ucx_address_from_buffer(worker_address)
+        ep = await ucx.create_endpoint_from_worker_address(remote, endpoint_error_handling=False)
+    except Exception as e:  # noqa: BLE001 - a bad or unreachable address
+        # On one host UCX maps the peer's shared memory at once: a dead peer fails here, fast.
+        raise TransferError(f"no UCX endpoint to the peer (dead?): {type(e).__name__}: {e}") from None
+    peer = _peers[worker_address] = _Peer(ep)
+    return peer
+
+
+def _release(worker_address: bytes, peer: _Peer) -> None:
+    peer.users -= 1
+    if peer.condemned and peer.users == 0:
+        if _peers.get(worker_address) is peer:
+            del _peers[worker_address]
+        try:
+            peer.ep.abort()  # cancels the receives and sends still posted on it
+        except Exception as e:  # noqa: BLE001
+            log.debug("aborting an endpoint: %s", e)
+        peer.keep.clear()
+
+
+class UcxBackend(TransferBackend):
+    """Serves pulls on this process's UCX worker; pulls from peers' ``ucx://`` addresses."""
+
+    name = "ucx"
+
+    def __init__(self, store: dict | None = None):
+        super().__init__(store)
+        self._ucx = _ucxx()
+        self._sid = secrets.randbits(62)
+        self._worker_address: bytes = self._ucx.get_worker_address().tobytes()
+        self._server: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    async def start(self) -> None:
+        self._ucx.continuous_ucx_progress()  # progress on this event loop
+        self._server = asyncio.create_task(self._serve())
+
+    @property
+    def address(self) -> str:
+        if self._server is None:
+            raise RuntimeError("start() the backend before asking its address")
+        addr = base64.urlsafe_b64encode(self._worker_address).decode()
+        return f"{_SCHEME}{self._sid:x}/{addr}"
+
+    # -- holder side --------------------------------------------------------
+
+    async def _serve(self) -> None:
+        tag = _REQUEST_BIT | self._sid
+        while True:
+            buf = np.empty(_CTRL_BYTES, dtype=np.uint8)
+            try:
+                await self._ucx.recv(buf, tag)
+                req = _unframe(buf)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a stranger's bytes must not kill the server
+                log.warning("dropping a malformed ucx request: %s", e)
+                continue
+            if req.get("op") == "stop":
+                return
+            if req.get("op") != "pull":
+                continue
+            task = asyncio.create_task(self._answer(req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, req: dict) -> None:
+        try:
+            key, tag, reply = req["key"], req["tag"], req["reply"]
+            timeout = float(req["timeout"])
+            if not (isinstance(key, str) and isinstance(tag, int) and isinstance(reply, bytes)):
+                raise TypeError("bad field types")
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("dropping a malformed ucx pull request: %s", e)
+            return
+        buffers: list = []
+        tensors = self._store.get(key)
+        if tensors is None:
+            header = {"v": VERSION, "id": req.get("id"), "ok": False, "err": "not_found",
+                      "msg": "not held here (never put, or dropped)"}
+        else:
+            try:
+                if len(tensors) > _MAX_TENSORS:
+                    raise TransferError(f"{len(tensors)} tensors are over {_MAX_TENSORS}")
+                buffers = [_send_buffer(t) for t in tensors]
+                if any(t.is_cuda for t in tensors):
+                    # UCX reads device memory outside torch's streams: let the writers finish.
+                    torch.cuda.synchronize()
+                header = {"v": VERSION, "id": req.get("id"), "ok": True, "tensors": describe(tensors)}
+            except Exception as e:  # noqa: BLE001 - the puller gets the reason instead of a timeout
+                log.exception("ucx pull of %r failed", key)
+                header = {"v": VERSION, "id": req.get("id"), "ok": False, "err": "error",
+                          "msg": f"{type(e).__name__}: {e}"}
+                buffers = []
+        try:
+            peer = await _peer(self._ucx, reply)
+        except TransferError as e:
+            log.warning("cannot answer a ucx pull of %r: %s", key, e)
+            return
+        peer.users += 1
+        try:
+            async with asyncio.timeout(max(timeout, 0.0) + _GRACE_S):
+                await peer.ep.send(_frame(header), tag=tag, force_tag=True)
+                await asyncio.gather(*(peer.ep.send(b, tag=tag + 1 + i, force_tag=True)
+                                       for i, b in enumerate(buffers) if b.nbytes))
+        except BaseException as e:
+            peer.condemned = True  # its sends may still read our buffers: abort before they go
+            peer.keep.extend(buffers)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            log.info("ucx reply for %r not delivered: %s", key, type(e).__name__)
+            return
+        finally:
+            _release(reply, peer)
+        if header["ok"]:
+            self.bytes_sent += sum(nbytes(t) for t in tensors)
+            self.pulls_served += 1
+
+    # -- puller side --------------------------------------------------------
+
+    async def pull(self, peer_address: str, key: str, *, timeout: float,
+                   device: str = "cpu") -> list[torch.Tensor]:
+        if self._server is None:
+            raise RuntimeError("start() the backend before pulling")
+        req_tag, worker_address = _split_address(peer_address)
+        tag = next(_pull_tags) << _FRAME_BITS
+        dev = torch.device(device)
+        peer: _Peer | None = None
+        pending: list[asyncio.Future] = []
+        try:
+            async with asyncio.timeout(timeout):
+                peer = await _peer(self._ucx, worker_address)
+                peer.users += 1
+                hbuf = np.zeros(_CTRL_BYTES, dtype=np.uint8)
+                # Post the header receive first: the reply never waits in UCX's unexpected queue.
+                header_recv = asyncio.ensure_future(peer.ep.recv(hbuf, tag=tag, force_tag=True))
+                pending.append(header_recv)
+                request = {"v": VERSION, "op": "pull", "id": tag >> _FRAME_BITS, "key": key, "tag": tag,
+                           "reply": self._worker_address, "timeout": timeout}
+                await peer.ep.send(_frame(request), tag=req_tag, force_tag=True)
+                await asyncio.shield(header_recv)
+                tensors, buffers = self._allocate(_unframe(hbuf), peer_address, key, dev)
+                pending += [asyncio.ensure_future(peer.ep.recv(b, tag=tag + 1 + i, force_tag=True))
+                            for i, b in enumerate(buffers) if b is not None]
+                await asyncio.shield(asyncio.gather(*pending[1:]))
+        except TimeoutError:
+            raise TransferTimeout(
+                f"no answer from ucx peer {peer_address[:48]}... for key {key!r} within {timeout:g}s"
+            ) from None
+        except (KeyNotFound, TransferError):
+            raise
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise TransferError(f"ucx pull of {key!r} failed: {type(e).__name__}: {e}") from None
+        finally:
+            if peer is not None:
+                if any(not f.done() for f in pending):
+                    # Receives still posted (timeout or cancel): the endpoint goes, and
+                    # their buffers stay alive until it has been aborted.
+                    peer.condemned = True
+                    peer.keep.extend(pending)
+                _release(worker_address, peer)
+        self.bytes_received += sum(nbytes(t) for t in tensors)
+        self.pulls_done += 1
+        return tensors
+
+    @staticmethod
+    def _allocate(header: dict, peer_address: str, key: str, dev: torch.device):
+        """Fresh tensors for the reply ``header`` and the buffers to receive into (None: empty)."""
+        if not header.get("ok"):
+            cls = KeyNotFound if header.get("err") == "not_found" else TransferError
+            raise cls(f"ucx peer {peer_address[:48]}... for key {key!r}: {header.get('msg', '?')}")
+        try:
+            layout = header["tensors"]
+            if not isinstance(layout, list) or len(layout) > _MAX_TENSORS:
+                raise ValueError("bad tensor list")
+            specs = [(dtype_from_name(d), s) for d, s in layout]
+            for _, s in specs:
+                numel(s)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransferError(f"ucx peer for key {key!r}: bad reply ({e})") from None
+        tensors = [torch.empty(s, dtype=dt, device=dev) for dt, s in specs]
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # the allocator may hand back busy memory
+        buffers = [_recv_buffer(t) if t.numel() else None for t in tensors]
+        return tensors, buffers
+
+    async def forget_peer(self, peer_address: str) -> None:
+        """Drop the endpoint to a peer the bus reported gone."""
+        _, worker_address = _split_address(peer_address)
+        peer = _peers.get(worker_address)
+        if peer is not None:
+            peer.condemned = True
+            peer.users += 1
+            _release(worker_address, peer)
+
+    async def close(self) -> None:
+        if self._closed or self._server is None:
+            return
+        self._closed = True
+        if not self._server.done():
+            try:  # wake our own request receive with a stop message, so nothing stays posted
+                me = await _peer(self._ucx, self._worker_address)
+                await asyncio.wait_for(me.ep.send(_frame({"v": VERSION, "op": "stop"}),
+                                                  tag=_REQUEST_BIT | self._sid, force_tag=True), 2)
+                await asyncio.wait_for(asyncio.shield(self._server), 2)
+            except Exception as e:  # noqa: BLE001
+                log.debug("ucx server did not stop cleanly: %s", e)
+        for t in (self._server, *self._tasks):
+            t.cancel()
+        await asyncio.gather(self._server, *self._tasks, return_exceptions=True)
+        # The endpoints stay: they are the process's (see the module docstring).
