@@ -5,7 +5,8 @@ into a Linux bridge in the root namespace; every host gets its own address on
 one /24 and the root namespace gets ``.1`` on the bridge, so the test process
 reaches every host as a client. ``NetnsDeployment`` is ``router.serve``'s
 ``Deployment`` with the router and each worker launched in a namespace of
-their own (``ip netns exec``), every socket bound on that host's address.
+their own (``ip netns exec``), every socket bound on that host's address
+and UCX kept off its shared-memory transports.
 Needs root and iproute2; ``unavailable()`` says why not, for a skip.
 """
 
@@ -133,4 +134,7 @@ class NetnsDeployment(Deployment):
             if name != "router":  # a worker's transfer server binds on its own host's address
                 argv[argv.index("--host") + 1] = self.lan.addr[name]
             argv = self.lan.exec_argv(name) + argv
-        super()._spawn(name, argv, env)
+        # The namespaces share one kernel, so UCX would call them one node and take its shared-memory
+        # transports (sysv, posix, cma) - a shortcut machines apart never have, and one that does not
+        # even work here: pulls between namespaces time out. Separate hosts reach each other by network.
+        super()._spawn(name, argv, {**(env or {}), "UCX_TLS": "^sm"})

@@ -56,11 +56,12 @@ def cases(test_images, llava_dir):
 
 
 def ucx_unavailable() -> str | None:
+    from transfer.base import TransferError
     from transfer.select import make_backend
 
     try:
         make_backend("ucx", "127.0.0.1")  # built, never started: nothing to close
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, TransferError) as e:
         return f"transfer backend 'ucx' is not usable here: {e}"
     return None
 
@@ -81,14 +82,14 @@ def deployment(request, lan, llava_dir, tmp_path_factory):
         dep.stop()
 
 
-def pulls(dep) -> dict[str, float]:
-    """``epd:transfer_pulls_total`` summed over workers, by backend."""
+def metric_sums(dep, name: str, label: str) -> dict[str, float]:
+    """``name`` from ``/metrics``, summed over its series by the value of ``label``."""
     with urllib.request.urlopen(f"{dep.url}/metrics", timeout=5) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
-    for labels, value in re.findall(r'^epd:transfer_pulls_total\{([^}]*)\} (\S+)$', text, re.M):
-        backend = re.search(r'backend="([^"]*)"', labels).group(1)
-        out[backend] = out.get(backend, 0.0) + float(value)
+    for labels, value in re.findall(rf'^{re.escape(name)}\{{([^}}]*)\}} (\S+)$', text, re.M):
+        key = re.search(rf'{label}="([^"]*)"', labels).group(1)
+        out[key] = out.get(key, 0.0) + float(value)
     return out
 
 
@@ -116,14 +117,18 @@ def test_requests_across_namespaces(deployment, cases, lan):
 
     # Worker counters reach /metrics with the next heartbeat (1 s).
     want = dep.transfer if dep.transfer != "auto" else None
-    deadline, seen = time.monotonic() + 10, {}
-    while time.monotonic() < deadline:
-        seen = pulls(dep)
-        if sum(v for k, v in seen.items() if want in (None, k) and k != "shm") > 0:
+    deadline = time.monotonic() + 10
+    while True:
+        pulls = metric_sums(dep, "epd:transfer_pulls_total", "backend")
+        encoded = metric_sums(dep, "epd:images_encoded_total", "role")
+        moved = sum(v for k, v in pulls.items() if k == want or (want is None and k != "shm"))
+        if (moved > 0 and encoded.get("encode", 0) > 0) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert seen.get("shm", 0) == 0, f"pulls went through shared memory between namespaces: {seen}"
-    if want:
-        assert seen.get(want, 0) > 0, f"no pulls by {want}: {seen}"
-    else:  # shm was on offer (a zero under its label) and not taken
-        assert "shm" in seen and sum(seen.values()) > 0, f"auto: {seen}"
+    assert pulls.get("shm", 0) == 0, f"pulls went through shared memory between namespaces: {pulls}"
+    assert moved > 0, f"no pulls by {want or 'a network backend'}: {pulls}"
+    if want is None:  # shm was on offer (a zero under its label) and not taken
+        assert "shm" in pulls, pulls
+    # Every image was encoded on the encode host and its embedding moved; a prefill worker that
+    # encodes one itself has given up pulling it (its log says why).
+    assert encoded.get("encode", 0) > 0 and encoded.get("prefill", 0) == 0, encoded
