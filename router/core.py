@@ -50,7 +50,8 @@ class _Flight:
 
 class RouterCore:
     def __init__(self, served_models: list[str], policy: DispatchPolicy | None = None,
-                 expected: dict[str, int] | None = None, heartbeat_timeout: float = 5.0, metrics=None):
+                 expected: dict[str, int] | None = None, heartbeat_timeout: float = 5.0, metrics=None,
+                 cluster_cache: bool = True):
         self.served_models = served_models
         self.policy = policy or LeastLoaded()
         self.expected = expected or {}
@@ -59,6 +60,7 @@ class RouterCore:
         self.metrics = metrics
         self._tasks: list[asyncio.Task] = []
         self.index = ClusterIndex()
+        self.cluster_cache = cluster_cache  # off: every image is encoded, every prefix computed (A/B runs)
         self.encoding: dict[str, asyncio.Future] = {}  # image bytes key -> its ImageRef, while encoding
         self.encode_jobs: dict[str, tuple[str, list[str]]] = {}  # request id -> (encode worker, bytes keys)
         self.prefix_exports: dict[str, tuple[str, str]] = {}  # store key -> (asking worker, holder)
@@ -166,9 +168,13 @@ class RouterCore:
         way for another request, or from an encode of the rest sent now. An image whose other
         request's encode failed gets an empty ref: the prefill worker encodes it."""
         req = flight.req
-        keys = [image_bytes_key(b) for b in req.images]
+        if self.cluster_cache:
+            keys = [image_bytes_key(b) for b in req.images]
+        else:  # keys no other request shares: nothing found, nothing shared
+            keys = [f"{req.request_id}#{i}" for i in range(len(req.images))]
         alive = {w.worker_id for w in self.registry.alive("encode")}
-        refs: list[m.ImageRef | None] = [self.index.embedding_for(k, alive) for k in keys]
+        refs: list[m.ImageRef | None] = [self.index.embedding_for(k, alive) if self.cluster_cache else None
+                                         for k in keys]
         self.cache_stats["images_from_cluster_cache"] += sum(r is not None for r in refs)
         todo: dict[str, int] = {}  # bytes key -> index of its first image, for this request to encode
         for i, (k, ref) in enumerate(zip(keys, refs)):
@@ -274,7 +280,8 @@ class RouterCore:
             job = self.encode_jobs.pop(msg.request_id, None)
             if job is not None:
                 for k, ref in zip(job[1], msg.images):
-                    self.index.learn_alias(k, ref.content_hash)
+                    if self.cluster_cache:
+                        self.index.learn_alias(k, ref.content_hash)
                     self.index.embedding_stored(wid, ref)
                     self._settle(k, ref)
         elif isinstance(msg, m.RequestFailed) and msg.request_id in self.encode_jobs:
@@ -310,7 +317,7 @@ class RouterCore:
         self.cache_stats["prefix_queries"] += 1
         alive = {w.worker_id for w in self.registry.workers.values() if w.alive and w.role != "encode"}
         holders, n = self.index.longest_prefix(q.block_hashes, wid, alive)
-        if n > q.local_blocks:
+        if n > q.local_blocks and self.cluster_cache:
             flight = self.flights.get(q.request_id)
             holder = self.policy.choose("kv_holder", [self.registry.workers[h] for h in holders],
                                         flight.req if flight else None)

@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--worker-addr", default="tcp://127.0.0.1:7100", help="workers connect here")
     ap.add_argument("--control-addr", default="tcp://127.0.0.1:7101", help="control broadcasts (PUB)")
     ap.add_argument("--client-addr", default="tcp://127.0.0.1:7102", help="ZeroMQ SDK clients connect here")
+    ap.add_argument("--no-cluster-cache", dest="cluster_cache", action="store_false",
+                    help="never reuse another worker's image embeddings or prefix KV (for A/B runs)")
     ap.add_argument("--expect", default="", help="workers /health waits for, e.g. encode=1,prefill=1,decode=1")
     ap.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES))
     ap.add_argument("--heartbeat-timeout", type=float, default=5.0)
@@ -57,7 +59,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                        allowed_domains=tuple(d for d in args.allowed_domains.split(",") if d))
     api_metrics = ApiMetrics()
     core = RouterCore([args.served_model_name], make_policy(args.policy), parse_expect(args.expect),
-                      args.heartbeat_timeout, WorkerMetrics(api_metrics))
+                      args.heartbeat_timeout, WorkerMetrics(api_metrics), cluster_cache=args.cluster_cache)
     await core.start(args.worker_addr, args.control_addr)
     front = ClientFront(core, limits)
     await front.start(args.client_addr)
