@@ -1,14 +1,22 @@
-"""Pull bandwidth and latency between two processes: shm and zmq beside an in-process copy.
+"""Pull bandwidth and latency between two processes: ucx, shm and zmq beside raw ucxx and a copy.
 
 A holder process publishes one float32 tensor per size; this process pulls
 each one ``--reps`` times per backend (after a warm-up round) and reports the
-median. Beside them, in this process, taking turns with the pulls: ``copy_``
-into a preallocated tensor (the memcpy ceiling) and ``clone`` (allocate +
-copy: what a pull must at least do, since it returns a fresh tensor). The
-4 KiB row is the fixed cost of one pull (latency).
+median. Beside them, taking turns with the pulls:
 
-    python perf/bench_transfer.py [--sizes-mib 1,4,16,64,256] [--reps 7] \
-        [--out perf/out/bench_transfer.json]
+- raw ucxx: the least a UCX pull can cost. The same UCX settings as the ucx
+  backend (endpoints from worker addresses, error handling off, blocking
+  progress): a 16-byte request, then the payload sent from the holder's
+  tensor into a buffer this process allocated once;
+- ``copy_`` into a preallocated tensor (the memcpy ceiling) and ``clone``
+  (allocate + copy: a pull returns a fresh tensor, so it pays the allocation too).
+
+The 4 KiB row is the fixed cost of one pull (latency). ``--device cuda`` puts
+the payloads on the GPU in both processes (a KV transfer between two
+processes on one GPU) and the copies become device-to-device.
+
+    python perf/bench_transfer.py [--sizes-mib 1,4,16,64,256] [--reps 7] [--device cpu|cuda] \
+        [--backends ucx,shm,zmq] [--out perf/out/bench_transfer.json]
 """
 
 from __future__ import annotations
@@ -24,127 +32,231 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transfer.shm_backend import ShmBackend  # noqa: E402
-from transfer.zmq_backend import ZmqBackend  # noqa: E402
-
 MiB = 1 << 20
 LATENCY_BYTES = 4096  # a tiny pull: the fixed cost of one round trip
+RAW_REQUEST_TAG = 1 << 62  # out of the ucx backend's tag ranges (its pulls count up from 1 << 16)
+RAW_REPLY_TAGS = (1 << 62) + (1 << 40)
 
 
-def _payload(nbytes: int) -> torch.Tensor:
-    return torch.full((nbytes // 4,), 1.5, dtype=torch.float32)
+def _payload(nbytes: int, device: str) -> torch.Tensor:
+    return torch.full((nbytes // 4,), 1.5, dtype=torch.float32, device=device)
 
 
-def _holder(conn, sizes: list[int]) -> None:
+def _as_buffer(t: torch.Tensor):
+    """What ucxx sends or receives for ``t``: host memory as numpy, CUDA memory as the tensor."""
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+def _make_backends(names: list[str], store: dict | None = None) -> list:
+    out = []
+    for name in names:  # imported here: a GPU box without pyzmq can still run ucx alone
+        if name == "ucx":
+            from transfer.ucx_backend import UcxBackend
+            out.append(UcxBackend(store=store))
+        elif name == "shm":
+            from transfer.shm_backend import ShmBackend
+            out.append(ShmBackend(store=store))
+        elif name == "zmq":
+            from transfer.zmq_backend import ZmqBackend
+            out.append(ZmqBackend("127.0.0.1", store=store))
+        else:
+            raise SystemExit(f"unknown backend {name!r}")
+    return out
+
+
+async def _endpoint(ucxx, worker_address: bytes):
+    remote = ucxx.get_ucx_address_from_buffer(worker_address)
+    return await ucxx.create_endpoint_from_worker_address(remote, endpoint_error_handling=False)
+
+
+def _holder(conn, sizes: list[int], names: list[str], device: str) -> None:
     async def serve() -> None:
+        from transfer.ucx_backend import start_ucx
+
+        ucxx = start_ucx()
         store: dict = {}
-        backends = [ShmBackend(store=store), ZmqBackend("127.0.0.1", store=store)]
+        backends = _make_backends(names, store)
         for b in backends:
             await b.start()
-        for n in sizes:
-            backends[0].put(f"b{n}", [_payload(n)])
-        conn.send({b.name: b.address for b in backends})
-        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # wait for "stop"
+        payloads = {n: _payload(n, device) for n in sizes}
+        for n, t in payloads.items():
+            store[f"b{n}"] = [t]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        conn.send({"backends": {b.name: b.address for b in backends},
+                   "raw": ucxx.get_worker_address().tobytes()})
+        ep = await _endpoint(ucxx, conn.recv())  # the puller's worker address
+        raw = {n: _as_buffer(t) for n, t in payloads.items()}
+        request = np.empty(2, dtype=np.uint64)
+        while True:  # raw ucxx: (size, reply tag) in, the payload out; size 0 stops
+            await ucxx.recv(request, RAW_REQUEST_TAG)
+            size, tag = int(request[0]), int(request[1])
+            if size == 0:
+                break
+            await ep.send(raw[size], tag=tag, force_tag=True)
         for b in backends:
             await b.close()
+        conn.send("stopped")
 
     asyncio.run(serve())
 
 
-def _timed(fn) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
     t0 = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - t0
 
 
-async def _timed_pull(backend, address: str, key: str) -> float:
+async def _timed_pull(backend, address: str, key: str, device: str) -> float:
     t0 = time.perf_counter()
-    out = await backend.pull(address, key, timeout=60)
+    out = await backend.pull(address, key, timeout=60, device=device)
     dt = time.perf_counter() - t0
     del out
     return dt
 
 
-async def _measure(addresses: dict, sizes: list[int], reps: int) -> dict[int, dict[str, float]]:
+class _Raw:
+    """This process's end of raw ucxx: ask for ``size`` bytes, receive them into ``buf``."""
+
+    def __init__(self, ucxx, ep):
+        self.ucxx, self.ep = ucxx, ep
+        self.tags = iter(range(RAW_REPLY_TAGS, RAW_REPLY_TAGS + (1 << 40)))
+
+    async def fetch(self, size: int, buf) -> float:
+        tag = next(self.tags)
+        t0 = time.perf_counter()
+        recv = asyncio.ensure_future(self.ep.recv(buf, tag=tag, force_tag=True))
+        await self.ep.send(np.array([size, tag], dtype=np.uint64), tag=RAW_REQUEST_TAG, force_tag=True)
+        await recv
+        return time.perf_counter() - t0
+
+    async def stop(self) -> None:
+        await self.ep.send(np.zeros(2, dtype=np.uint64), tag=RAW_REQUEST_TAG, force_tag=True)
+
+
+async def _measure(conn, info: dict, sizes: list[int], names: list[str], reps: int,
+                   device: str) -> dict[int, dict[str, float]]:
     """Median seconds per size and method; the methods take turns within each
     repetition so that the machine's noise falls on all of them alike."""
-    backends = [ShmBackend(), ZmqBackend("127.0.0.1")]
+    from transfer.ucx_backend import start_ucx
+
+    ucxx = start_ucx()
+    ucxx.continuous_ucx_progress()
+    conn.send(ucxx.get_worker_address().tobytes())
+    raw = _Raw(ucxx, await _endpoint(ucxx, info["raw"]))
+    backends = _make_backends(names)
     for b in backends:
         await b.start()
     medians: dict[int, dict[str, float]] = {}
     for n in sizes:
-        src = _payload(n)
+        src = _payload(n, device)
         dst = torch.empty_like(src)
+        raw_buf = _as_buffer(torch.empty_like(src))
         key = f"b{n}"
-        times: dict[str, list[float]] = {"copy": [], "clone": [], "shm": [], "zmq": []}
+        times: dict[str, list[float]] = {}
         for rep in range(reps + 1):  # the first round warms up connections, pools and pages
             sample = {
-                "copy": _timed(lambda: dst.copy_(src)),
-                "clone": _timed(lambda: src.clone()),
-                **{b.name: await _timed_pull(b, addresses[b.name], key) for b in backends},
+                "copy": _timed(lambda: dst.copy_(src), device),
+                "clone": _timed(lambda: src.clone(), device),
+                "raw": await raw.fetch(n, raw_buf),
             }
+            for b in backends:
+                sample[b.name] = await _timed_pull(b, info["backends"][b.name], key, device)
             if rep:
                 for k, v in sample.items():
-                    times[k].append(v)
+                    times.setdefault(k, []).append(v)
         medians[n] = {k: statistics.median(v) for k, v in times.items()}
-        del src, dst
+        del src, dst, raw_buf
+    await raw.stop()
     for b in backends:
         await b.close()
     return medians
+
+
+def _size(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // 1024} KiB"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", default="1,4,16,64,256")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--out", default=str(ROOT / "perf/out/bench_transfer.json"))
+    ap.add_argument("--device", default="cpu", help="where the payloads live in both processes (cpu, cuda)")
+    ap.add_argument("--backends", default=None, help="comma list of ucx,shm,zmq (default: all on cpu, ucx on cuda)")
+    ap.add_argument("--out", default=None, help="default: perf/out/bench_transfer[_cuda].json")
     args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    names = (args.backends or ("ucx" if cuda else "ucx,shm,zmq")).split(",")
     sizes = [LATENCY_BYTES] + [int(float(s) * MiB) for s in args.sizes_mib.split(",")]
+    out = Path(args.out or ROOT / f"perf/out/bench_transfer{'_cuda' if cuda else ''}.json")
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    holder = ctx.Process(target=_holder, args=(child, sizes), daemon=True)
+    holder = ctx.Process(target=_holder, args=(child, sizes, names, args.device), daemon=True)
     holder.start()
     try:
         if not parent.poll(120):
             raise RuntimeError("the holder process did not start")
-        addresses = parent.recv()
-        medians = asyncio.run(_measure(addresses, sizes, args.reps))
+        info = parent.recv()
+        medians = asyncio.run(_measure(parent, info, sizes, names, args.reps, args.device))
+        if parent.poll(30):
+            parent.recv()
     finally:
-        parent.send("stop")
         holder.join(30)
+        if holder.is_alive():
+            holder.kill()
 
+    methods = ["copy", "clone", "raw", *names]
     rows = []
     for n in sizes:
-        row = {"bytes": n, **{f"{k}_s": v for k, v in medians[n].items()}}
-        for k in ("copy", "clone", "shm", "zmq"):
+        row = {"bytes": n, **{f"{k}_s": medians[n][k] for k in methods}}
+        for k in methods:
             row[f"{k}_gbps"] = n / row[f"{k}_s"] / 1e9
+        for k in names:
+            row[f"{k}_vs_raw"] = row["raw_s"] / row[f"{k}_s"]
         rows.append(row)
 
-    print(f"{'size':>9} | {'copy_ GB/s':>10} {'clone GB/s':>10} | {'shm GB/s':>8} {'shm ms':>8} | "
-          f"{'zmq GB/s':>8} {'zmq ms':>8} | shm/clone zmq/clone")
+    head = f"{'size':>8} | {'copy GB/s':>9} {'clone GB/s':>10} | {'raw GB/s':>8} {'raw ms':>8} |"
+    head += "".join(f" {k + ' GB/s':>9} {k + ' ms':>8} |" for k in names)
+    print(head + "".join(f" {k}/raw" for k in names))
     for r in rows:
-        n = r["bytes"]
-        size = f"{n // MiB} MiB" if n >= MiB else f"{n // 1024} KiB"
-        print(f"{size:>9} | {r['copy_gbps']:10.2f} {r['clone_gbps']:10.2f} | "
-              f"{r['shm_gbps']:8.2f} {r['shm_s'] * 1e3:8.3f} | "
-              f"{r['zmq_gbps']:8.2f} {r['zmq_s'] * 1e3:8.3f} | "
-              f"{r['clone_s'] / r['shm_s']:9.2f} {r['clone_s'] / r['zmq_s']:9.2f}")
+        line = (f"{_size(r['bytes']):>8} | {r['copy_gbps']:9.2f} {r['clone_gbps']:10.2f} | "
+                f"{r['raw_gbps']:8.2f} {r['raw_s'] * 1e3:8.3f} |")
+        line += "".join(f" {r[f'{k}_gbps']:9.2f} {r[f'{k}_s'] * 1e3:8.3f} |" for k in names)
+        print(line + "".join(f" {r[f'{k}_vs_raw']:6.2f}" for k in names))
 
-    out = Path(args.out)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if cuda:
+        machine["gpu"] = torch.cuda.get_device_name()
+    try:
+        import ucxx
+        machine["ucxx"], machine["ucx"] = ucxx.__version__, ucxx.__ucx_version__
+    except Exception:  # noqa: BLE001 - only for the record
+        pass
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+        "machine": machine,
+        "device": args.device,
         "reps": args.reps,
         "note": "median seconds per pull of one float32 tensor between two processes on one host; "
-                "copy/clone are in-process baselines measured in the same run",
+                "raw = raw ucxx request + payload into a preallocated buffer; copy/clone are in-process "
+                "baselines measured in the same run",
         "rows": rows,
     }, indent=2) + "\n")
     print(f"wrote {out}")

@@ -282,6 +282,26 @@ def test_holder_killed_mid_transfer(monkeypatch):
     assert_same(got, payloads()["mix"])
 
 
+def test_receive_pool_lends_a_buffer_only_once_its_tensor_died():
+    from transfer.ucx_backend import _HostPool
+
+    pool = _HostPool(max_bytes=8 << 20)
+    a = torch.frombuffer(pool.take(3 << 20), dtype=torch.uint8)
+    a_view = a[10:20]
+    del a
+    b = torch.frombuffer(pool.take(3 << 20), dtype=torch.uint8)
+    assert (pool.hits, pool.misses) == (0, 2)  # a_view still holds the first buffer
+    ptr = a_view.data_ptr() - 10
+    del a_view
+    c = torch.frombuffer(pool.take(3 << 20), dtype=torch.uint8)
+    assert pool.hits == 1 and c.data_ptr() == ptr and c.data_ptr() != b.data_ptr()
+    assert pool.size_class(3 << 20) - (3 << 20) <= (3 << 20) // 8
+    del b, c
+    big = pool.take(16 << 20)  # over max_bytes: dropped when it comes back
+    del big
+    assert pool.take(16 << 20) is not None and pool.hits == 1
+
+
 def test_errors_name_the_package(monkeypatch):
     import builtins
 
