@@ -48,12 +48,6 @@ def _payload(nbytes: int, device: str) -> torch.Tensor:
     return torch.full((nbytes // 4,), 1.5, dtype=torch.float32, device=device)
 
 
-def _as_buffer(t: torch.Tensor):
-    """What ucxx sends or receives for ``t``: host memory as numpy, CUDA memory as the tensor."""
-    flat = t.reshape(-1).view(torch.uint8)
-    return flat if flat.is_cuda else flat.numpy()
-
-
 def _make_backends(names: list[str], store: dict | None = None) -> list:
     out = []
     for name in names:  # imported here: a GPU box without pyzmq can still run ucx alone
@@ -78,7 +72,7 @@ async def _endpoint(ucxx, worker_address: bytes):
 
 def _holder(conn, sizes: list[int], names: list[str], device: str) -> None:
     async def serve() -> None:
-        from transfer.ucx_backend import start_ucx
+        from transfer.ucx_backend import start_ucx, ucx_buffer
 
         ucxx = start_ucx()
         store: dict = {}
@@ -93,7 +87,7 @@ def _holder(conn, sizes: list[int], names: list[str], device: str) -> None:
         conn.send({"backends": {b.name: b.address for b in backends},
                    "raw": ucxx.get_worker_address().tobytes()})
         ep = await _endpoint(ucxx, conn.recv())  # the puller's worker address
-        raw = {n: _as_buffer(t) for n, t in payloads.items()}
+        raw = {n: ucx_buffer(t) for n, t in payloads.items()}
         request = np.empty(2, dtype=np.uint64)
         while True:  # raw ucxx: (size, reply tag) in, the payload out; size 0 stops
             await ucxx.recv(request, RAW_REQUEST_TAG)
@@ -152,7 +146,7 @@ async def _measure(conn, info: dict, sizes: list[int], names: list[str], reps: i
                    device: str) -> dict[int, dict[str, float]]:
     """Median seconds per size and method; the methods take turns within each
     repetition so that the machine's noise falls on all of them alike."""
-    from transfer.ucx_backend import start_ucx
+    from transfer.ucx_backend import start_ucx, ucx_buffer
 
     ucxx = start_ucx()
     ucxx.continuous_ucx_progress()
@@ -165,7 +159,7 @@ async def _measure(conn, info: dict, sizes: list[int], names: list[str], reps: i
     for n in sizes:
         src = _payload(n, device)
         dst = torch.empty_like(src)
-        raw_buf = _as_buffer(torch.empty_like(src))
+        raw_buf = ucx_buffer(torch.empty_like(src))
         key = f"b{n}"
         times: dict[str, list[float]] = {}
         for rep in range(reps + 1):  # the first round warms up connections, pools and pages

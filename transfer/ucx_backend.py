@@ -136,11 +136,29 @@ def _split_address(address: str) -> tuple[int, bytes]:
         raise TransferError(f"not a ucx address: {address!r}") from None
 
 
+class _CudaBytes:
+    """A contiguous CUDA tensor's bytes as ucxx takes device memory (``__cuda_array_interface__``).
+
+    Our own, not the tensor's: torch's refuses tensors that require grad and has
+    no typestr for bf16; a flat uint8 view needs neither.
+    """
+
+    def __init__(self, flat: torch.Tensor):
+        self.tensor = flat  # keeps the memory alive while UCX uses it
+        self.nbytes = flat.numel()
+        self.__cuda_array_interface__ = {"shape": (flat.numel(),), "typestr": "|u1", "strides": None,
+                                         "data": (flat.data_ptr(), False), "version": 3}
+
+
+def ucx_buffer(t: torch.Tensor):
+    """The bytes of a C-contiguous tensor as ucxx sends and receives them (host: numpy, no copy)."""
+    flat = byte_view(t)
+    return _CudaBytes(flat) if flat.is_cuda else flat.numpy()
+
+
 def _send_buffer(t: torch.Tensor):
     """What ucxx sends for ``t``: its contiguous bytes (CUDA stays on the device)."""
-    t = t.detach().resolve_conj().resolve_neg().contiguous()
-    flat = byte_view(t)
-    return flat if flat.is_cuda else flat.numpy()
+    return ucx_buffer(t.detach().resolve_conj().resolve_neg().contiguous())
 
 
 def _fresh(dtype: torch.dtype, shape: list[int], dev: torch.device) -> torch.Tensor:
@@ -151,9 +169,6 @@ def _fresh(dtype: torch.dtype, shape: list[int], dev: torch.device) -> torch.Ten
     return torch.frombuffer(_host_pool.take(n), dtype=torch.uint8).view(dtype).view(shape)
 
 
-def _recv_buffer(t: torch.Tensor):
-    flat = byte_view(t)
-    return flat if flat.is_cuda else flat.numpy()
 
 
 class _HostPool:
@@ -360,9 +375,9 @@ class UcxBackend(TransferBackend):
                 if len(tensors) > _MAX_TENSORS:
                     raise TransferError(f"{len(tensors)} tensors are over {_MAX_TENSORS}")
                 buffers = [_send_buffer(t) for t in tensors]
-                if any(t.is_cuda for t in tensors):
+                for d in {t.device for t in tensors if t.is_cuda}:
                     # UCX reads device memory outside torch's streams: let the writers finish.
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize(d)
                 header = {"v": VERSION, "id": req.get("id"), "ok": True, "tensors": describe(tensors)}
             except Exception as e:  # noqa: BLE001 - the puller gets the reason instead of a timeout
                 log.exception("ucx pull of %r failed", key)
@@ -457,7 +472,7 @@ class UcxBackend(TransferBackend):
         tensors = [_fresh(dt, s, dev) for dt, s in specs]
         if dev.type == "cuda":
             torch.cuda.current_stream(dev).synchronize()  # the allocator may hand back busy memory
-        buffers = [_recv_buffer(t) if t.numel() else None for t in tensors]
+        buffers = [ucx_buffer(t) if t.numel() else None for t in tensors]
         return tensors, buffers
 
     async def forget_peer(self, peer_address: str) -> None:
