@@ -210,6 +210,17 @@ def test_choice_order(holder, expected):
     assert stats["backends"]["ucx"]["pulls_done"] == 1
 
 
+def test_forget_peer_then_pull_again(holder, expected):
+    _, _, card = holder
+
+    async def pulls(t):
+        await t.pull(card, "mid", timeout=10)
+        await t.forget_peer(json.dumps(card))  # as the bus would, for a peer it saw die
+        return await t.pull(card, "mix", timeout=10)
+
+    assert_same(run(pulls, kind="auto"), expected["mix"])
+
+
 def test_ucx_only_worker_meets_any_card(holder):
     _, _, card = holder
 

@@ -110,6 +110,14 @@ class MultiTransfer(TransferBackend):
         self.pulls_by_backend[backend.name] += 1
         return tensors
 
+    async def forget_peer(self, peer: dict | str) -> None:
+        """Drop every connection to a peer the bus reported gone (pulls waiting on it fail)."""
+        card = _card(peer)
+        for name, b in self._backends.items():
+            forget = getattr(b, "forget_peer", None)
+            if forget is not None and name in card:
+                await forget(card[name])
+
     async def close(self) -> None:
         for b in self._backends.values():
             await b.close()

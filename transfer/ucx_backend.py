@@ -11,20 +11,23 @@ A pull, all messages tagged (64-bit tags, matched exactly):
 
 - the puller posts a receive for the reply header on a tag base unique to this
   pull (``counter << 16`` of a process-wide counter: tags are never reused),
-  then sends ``{"v", "op": "pull", "id", "key", "tag", "reply", "timeout"}``
-  to the holder's request tag (``1 << 63 | service id``; ``reply`` is its own
-  worker address);
+  then sends ``{"v", "op": "pull", "id", "key", "tag", "reply", "ep",
+  "timeout"}`` to the holder's request tag (``1 << 63 | service id``;
+  ``reply`` is its own worker address, ``ep`` the number of its endpoint);
 - the holder answers on an endpoint to ``reply``: the header
   ``{"v", "id", "ok": true, "tensors": [[dtype, shape], ...]}`` on ``tag``,
   then tensor ``i``'s contiguous bytes on ``tag + 1 + i`` (empty ones are not
-  sent); or ``{"ok": false, "err": "not_found" | "error", "msg"}`` alone;
+  sent; host payloads of at most 8 KiB ride in the header as ``"inline"``);
+  or ``{"ok": false, "err": "not_found" | "error", "msg"}`` alone;
 - the puller allocates each tensor on ``device`` and receives straight into it
   (as uint8 bytes: bf16 and fp8 have no numpy twin); host tensors of 1 MiB or
   more come from a pool of warm pages (``_HostPool``).
 
 Endpoints belong to the process (as its UCX worker does) and live as long as
 it, shared by its backends: UCX pairs the endpoints of two workers, and
-aborting one breaks the rendezvous of messages sent through its twin.
+aborting one breaks the rendezvous of messages sent through its twin. So a
+puller numbers its endpoints and a holder that sees a new number answers
+through a fresh endpoint (``_reply_peer``).
 
 Error handling off means UCX never reports a dead peer; deadlines do. A pull
 past its ``timeout`` raises ``TransferTimeout``; its receives stay posted
@@ -54,7 +57,7 @@ import numpy as np
 import torch
 
 from transfer.base import KeyNotFound, TransferBackend, TransferError, TransferTimeout
-from transfer.wire import VERSION, byte_view, describe, dtype_from_name, nbytes, numel
+from transfer.wire import VERSION, byte_view, describe, dtype_from_name, from_buffer, nbytes, numel
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,11 @@ _REQUEST_BIT = 1 << 63
 _FRAME_BITS = 16  # tag = pull tag base | (1 + tensor index)
 _MAX_TENSORS = (1 << _FRAME_BITS) - 2
 _GRACE_S = 2.0  # a holder sends for the puller's timeout plus this, then gives up
+_INLINE_BYTES = 8 << 10  # payloads up to this ride in the reply header
 _STALE_S = 30.0  # receives of a timed-out pull wait this long for a late reply
 # Tag bases of this process's pulls: never reused, so a late reply matches nothing.
 _pull_tags = itertools.count(1)
+_epochs = itertools.count(1)  # numbers this process's endpoints (see _reply_peer)
 
 
 class UcxUnavailable(TransferError):
@@ -231,6 +236,8 @@ class _Peer:
         self.keep: list = []  # send buffers UCX may still read until the abort
         self.stale: list[tuple[float, asyncio.Future]] = []  # receives of pulls that gave up
         self.reaper: asyncio.Task | None = None
+        self.epoch = next(_epochs)
+        self.peer_epoch: int | None = None  # the epoch of the peer's endpoint to us, as last seen
 
 
 # This process's endpoints, by remote worker address (see the module docstring).
@@ -259,6 +266,25 @@ async def _connect(ucx, worker_address: bytes) -> _Peer:
         # On one host UCX maps the peer's shared memory at once: a dead peer fails here, fast.
         raise TransferError(f"no UCX endpoint to the peer (dead?): {type(e).__name__}: {e}") from None
     peer = _peers[worker_address] = _Peer(ep)
+    return peer
+
+
+async def _reply_peer(ucx, worker_address: bytes, epoch: object) -> _Peer:
+    """The endpoint to answer a puller whose own endpoint to us has number ``epoch``.
+
+    UCX pairs our endpoint with one of the puller's; once the puller aborted
+    that one (a reaped or forgotten peer) our rendezvous sends would fail on its
+    side. A new number means it did: make a fresh endpoint, paired anew.
+    """
+    peer = await _peer(ucx, worker_address)
+    if peer.peer_epoch is not None and peer.peer_epoch != epoch:
+        if peer.users == 0:
+            _abort(worker_address, peer)
+        else:
+            peer.condemned = True
+            _peers.pop(worker_address, None)
+        peer = await _peer(ucx, worker_address)
+    peer.peer_epoch = epoch
     return peer
 
 
@@ -379,13 +405,16 @@ class UcxBackend(TransferBackend):
                     # UCX reads device memory outside torch's streams: let the writers finish.
                     torch.cuda.synchronize(d)
                 header = {"v": VERSION, "id": req.get("id"), "ok": True, "tensors": describe(tensors)}
+                if sum(b.nbytes for b in buffers) <= _INLINE_BYTES and not any(t.is_cuda for t in tensors):
+                    # Tiny payloads ride in the header: one message instead of one per tensor.
+                    header["inline"], buffers = [b.tobytes() for b in buffers], []
             except Exception as e:  # noqa: BLE001 - the puller gets the reason instead of a timeout
                 log.exception("ucx pull of %r failed", key)
                 header = {"v": VERSION, "id": req.get("id"), "ok": False, "err": "error",
                           "msg": f"{type(e).__name__}: {e}"}
                 buffers = []
         try:
-            peer = await _peer(self._ucx, reply)
+            peer = await _reply_peer(self._ucx, reply, req.get("ep"))
         except TransferError as e:
             log.warning("cannot answer a ucx pull of %r: %s", key, e)
             return
@@ -428,7 +457,7 @@ class UcxBackend(TransferBackend):
                 header_recv = asyncio.ensure_future(peer.ep.recv(hbuf, tag=tag, force_tag=True))
                 pending.append(header_recv)
                 request = {"v": VERSION, "op": "pull", "id": tag >> _FRAME_BITS, "key": key, "tag": tag,
-                           "reply": self._worker_address, "timeout": timeout}
+                           "reply": self._worker_address, "ep": peer.epoch, "timeout": timeout}
                 await peer.ep.send(_frame(request), tag=req_tag, force_tag=True)
                 await asyncio.shield(header_recv)
                 tensors, buffers = self._allocate(_unframe(hbuf), peer_address, key, dev)
@@ -469,6 +498,15 @@ class UcxBackend(TransferBackend):
                 numel(s)
         except (KeyError, TypeError, ValueError) as e:
             raise TransferError(f"ucx peer for key {key!r}: bad reply ({e})") from None
+        inline = header.get("inline")
+        if inline is not None:
+            try:
+                if not isinstance(inline, list) or len(inline) != len(specs):
+                    raise ValueError("inline bytes do not match the layout")
+                tensors = [from_buffer(bytearray(b), dt, s).to(dev) for b, (dt, s) in zip(inline, specs)]
+            except (TypeError, ValueError) as e:
+                raise TransferError(f"ucx peer for key {key!r}: bad reply ({e})") from None
+            return tensors, [None] * len(tensors)
         tensors = [_fresh(dt, s, dev) for dt, s in specs]
         if dev.type == "cuda":
             torch.cuda.current_stream(dev).synchronize()  # the allocator may hand back busy memory
