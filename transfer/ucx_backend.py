@@ -30,13 +30,14 @@ puller numbers its endpoints and a holder that sees a new number answers
 through a fresh endpoint (``_reply_peer``).
 
 Error handling off means UCX never reports a dead peer; deadlines do. A pull
-past its ``timeout`` raises ``TransferTimeout``; its receives stay posted
-(and their buffers alive) so that a late reply lands there and nowhere else:
-tags are never reused. A peer that leaves such receives unanswered for
-``_STALE_S`` is taken for dead and its endpoint aborted (which cancels them);
-the next pull makes a fresh one. A holder gives up sending after the puller's
-timeout plus a grace, and aborts its endpoint to that puller. ``forget_peer``
-(the bus saw the peer die) aborts at once.
+past its ``timeout`` raises ``TransferTimeout`` and condemns its endpoint: the
+endpoint is aborted (cancelling the receives still posted on it, whose
+buffers stay alive until then) once no other pull uses it, and the next pull
+makes a fresh one, with a new number: the holder then answers through a fresh
+endpoint too. Tags are never reused, so a reply that comes after its pull
+gave up can never land in another pull's tensors. A holder gives up sending
+after the puller's timeout plus a grace and aborts its endpoint the same way.
+``forget_peer`` (the bus saw the peer die) aborts at once.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import os
 import secrets
 import struct
 import threading
-import time
 import weakref
 
 import msgpack
@@ -69,7 +69,9 @@ _FRAME_BITS = 16  # tag = pull tag base | (1 + tensor index)
 _MAX_TENSORS = (1 << _FRAME_BITS) - 2
 _GRACE_S = 2.0  # a holder sends for the puller's timeout plus this, then gives up
 _INLINE_BYTES = 8 << 10  # payloads up to this ride in the reply header
-_STALE_S = 30.0  # receives of a timed-out pull wait this long for a late reply
+# The server polls for requests (see _serve): busy for this long after one, then backing off.
+_SPIN_S = 0.01
+_IDLE_POLL_S = 0.002
 # Tag bases of this process's pulls: never reused, so a late reply matches nothing.
 _pull_tags = itertools.count(1)
 _epochs = itertools.count(1)  # numbers this process's endpoints (see _reply_peer)
@@ -233,9 +235,7 @@ class _Peer:
         self.ep = ep
         self.users = 0
         self.condemned = False  # a reply's deadline passed on it: abort once nobody uses it
-        self.keep: list = []  # send buffers UCX may still read until the abort
-        self.stale: list[tuple[float, asyncio.Future]] = []  # receives of pulls that gave up
-        self.reaper: asyncio.Task | None = None
+        self.keep: list = []  # buffers UCX may still read or write until the abort
         self.epoch = next(_epochs)
         self.peer_epoch: int | None = None  # the epoch of the peer's endpoint to us, as last seen
 
@@ -302,37 +302,6 @@ def _abort(worker_address: bytes, peer: _Peer) -> None:
     except Exception as e:  # noqa: BLE001
         log.debug("aborting an endpoint: %s", e)
     peer.keep.clear()
-    peer.stale.clear()
-
-
-def _leave_stale(worker_address: bytes, peer: _Peer, receives: list[asyncio.Future]) -> None:
-    """Receives of a pull that gave up stay posted (their buffers alive) until the late
-    reply fills them or, ``_STALE_S`` on, the endpoint is aborted: its peer is gone."""
-    now = time.monotonic()
-    for f in receives:
-        f.add_done_callback(_consume)
-        if not f.done():
-            peer.stale.append((now, f))
-    if peer.stale and (peer.reaper is None or peer.reaper.done()):
-        peer.reaper = asyncio.create_task(_reap(worker_address, peer))
-
-
-async def _reap(worker_address: bytes, peer: _Peer) -> None:
-    while True:
-        await asyncio.sleep(1.0)
-        peer.stale = [(t, f) for t, f in peer.stale if not f.done()]
-        if not peer.stale:
-            return
-        if time.monotonic() - peer.stale[0][0] > _STALE_S:
-            log.info("a ucx peer left %d receives unanswered for %gs: dropping its endpoint",
-                     len(peer.stale), _STALE_S)
-            _abort(worker_address, peer)
-            return
-
-
-def _consume(f: asyncio.Future) -> None:
-    if not f.cancelled():
-        f.exception()  # retrieved: a late failure of a pull that gave up is no news
 
 
 class UcxBackend(TransferBackend):
@@ -363,19 +332,32 @@ class UcxBackend(TransferBackend):
     # -- holder side --------------------------------------------------------
 
     async def _serve(self) -> None:
+        """Answer requests as they come, polling: never wait on a posted receive.
+
+        ucxx in blocking progress mode waits for a request by yielding to the
+        event loop over and over (``wait_yield``): a receive posted for the next
+        request would keep a core busy forever. So the server progresses the
+        worker and probes for its tag itself: back to back while requests come,
+        then every ``_IDLE_POLL_S`` (an idle backend costs ~1% of a core).
+        """
         tag = _REQUEST_BIT | self._sid
+        me = await _peer(self._ucx, self._worker_address)  # any endpoint can probe the worker
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
-            buf = np.empty(_CTRL_BYTES, dtype=np.uint8)
+            self._ucx.progress()
+            probe = me.ep.tag_probe(tag, force_tag=True, remove=True)
+            if not probe.matched:
+                await asyncio.sleep(0 if loop.time() - last < _SPIN_S else _IDLE_POLL_S)
+                continue
+            last = loop.time()
+            buf = np.empty(max(probe.length, 4), dtype=np.uint8)
             try:
-                await self._ucx.recv(buf, tag)
+                await me.ep.recv_with_handle(buf, probe)
                 req = _unframe(buf)
-            except asyncio.CancelledError:
-                raise
             except Exception as e:  # noqa: BLE001 - a stranger's bytes must not kill the server
                 log.warning("dropping a malformed ucx request: %s", e)
                 continue
-            if req.get("op") == "stop":
-                return
             if req.get("op") != "pull":
                 continue
             task = asyncio.create_task(self._answer(req))
@@ -448,6 +430,7 @@ class UcxBackend(TransferBackend):
         dev = torch.device(device)
         peer: _Peer | None = None
         pending: list[asyncio.Future] = []
+        hbuf, buffers = None, []
         try:
             async with asyncio.timeout(timeout):
                 peer = await _peer(self._ucx, worker_address)
@@ -477,7 +460,12 @@ class UcxBackend(TransferBackend):
         finally:
             if peer is not None:
                 if any(not f.done() for f in pending):
-                    _leave_stale(worker_address, peer, pending)
+                    # Receives still posted (timeout or cancel). Awaiting them would spin the
+                    # loop (wait_yield); UCX may still fill them until the endpoint is aborted.
+                    for f in pending:
+                        f.cancel()
+                    peer.keep += [hbuf, *buffers]
+                    peer.condemned = True
                 _release(worker_address, peer)
         self.bytes_received += sum(nbytes(t) for t in tensors)
         self.pulls_done += 1
@@ -524,14 +512,6 @@ class UcxBackend(TransferBackend):
         if self._closed or self._server is None:
             return
         self._closed = True
-        if not self._server.done():
-            try:  # wake our own request receive with a stop message, so nothing stays posted
-                me = await _peer(self._ucx, self._worker_address)
-                await asyncio.wait_for(me.ep.send(_frame({"v": VERSION, "op": "stop"}),
-                                                  tag=_REQUEST_BIT | self._sid, force_tag=True), 2)
-                await asyncio.wait_for(asyncio.shield(self._server), 2)
-            except Exception as e:  # noqa: BLE001
-                log.debug("ucx server did not stop cleanly: %s", e)
         for t in (self._server, *self._tasks):
             t.cancel()
         await asyncio.gather(self._server, *self._tasks, return_exceptions=True)
