@@ -55,7 +55,41 @@ def load_config(path: str | Path) -> dict:
     for w in cfg["workers"]:
         if w.get("role") not in ("encode", "prefill", "decode", "mixed"):
             raise ValueError(f"{path}: worker role must be encode, prefill, decode or mixed, got {w.get('role')!r}")
+        _check_placement(path, w)
     return cfg
+
+
+def _check_placement(path, w: dict) -> None:
+    """A worker entry places its workers with ``device: cuda:1`` (all of them) or ``devices: [...]``
+    (worker i on ``devices[i % len(devices)]``: one per GPU, or several sharing one)."""
+    devices = w.get("devices")
+    if devices is None:
+        return
+    if "device" in w:
+        raise ValueError(f"{path}: a {w['role']} entry gives both 'device' and 'devices'")
+    if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
+        raise ValueError(f"{path}: 'devices' of a {w['role']} entry must be a non-empty list of device names")
+    if len(devices) > int(w.get("count", 1)):
+        raise ValueError(f"{path}: a {w['role']} entry lists {len(devices)} devices for "
+                         f"{w.get('count', 1)} worker(s)")
+
+
+def worker_plan(cfg: dict) -> list[tuple[str, dict, str]]:
+    """(worker id, its entry, its device) for every worker; ids number each role across entries.
+
+    An entry's ``devices`` places its worker i on ``devices[i % len(devices)]``; else its ``device``,
+    else ``engine.device``.
+    """
+    default = (cfg.get("engine") or {}).get("device", "cpu")
+    seen: dict[str, int] = {}
+    out = []
+    for w in cfg["workers"]:
+        devices = w.get("devices")
+        for i in range(int(w.get("count", 1))):
+            n = seen.get(w["role"], 0)
+            seen[w["role"]] = n + 1
+            out.append((f"{w['role']}-{n}", w, devices[i % len(devices)] if devices else w.get("device", default)))
+    return out
 
 
 class Deployment:
@@ -93,20 +127,18 @@ class Deployment:
         n_total = sum(int(w.get("count", 1)) for w in self.cfg["workers"])
         engine.setdefault("threads", max(1, (os.cpu_count() or 1) // n_total))
         out = []
-        for w in self.cfg["workers"]:
-            for i in range(int(w.get("count", 1))):
-                opts = {**engine, **{k: v for k, v in w.items() if k in ENGINE_FLAGS}}
-                devices = w.get("devices")
-                if devices:
-                    opts["device"] = devices[i % len(devices)]
-                wid = f"{w['role']}-{i}"
-                argv = [sys.executable, "-m", "stages.worker", "--role", w["role"], "--model", self.model,
-                        "--router", self.worker_addr, "--control", self.control_addr, "--worker-id", wid,
-                        "--host", self.host, "--transfer", self.transfer]
-                for key, flag in ENGINE_FLAGS.items():
-                    if opts.get(key) is not None:
-                        argv += [flag, str(opts[key])]
-                out.append((wid, argv))
+        for wid, w, device in worker_plan(self.cfg):
+            opts = {**engine, **{k: v for k, v in w.items() if k in ENGINE_FLAGS}, "device": device}
+            argv = [sys.executable, "-m", "stages.worker", "--role", w["role"], "--model", self.model,
+                    "--router", self.worker_addr, "--control", self.control_addr, "--worker-id", wid,
+                    "--host", self.host, "--transfer", self.transfer]
+            pull_timeout = (self.cfg.get("transfer") or {}).get("pull_timeout_s")
+            if pull_timeout is not None:
+                argv += ["--pull-timeout", str(pull_timeout)]
+            for key, flag in ENGINE_FLAGS.items():
+                if opts.get(key) is not None:
+                    argv += [flag, str(opts[key])]
+            out.append((wid, argv))
         return out
 
     def start(self, timeout: float = 180.0) -> str:
@@ -121,6 +153,8 @@ class Deployment:
             value = router_cfg.get(key)
             if value is not None:
                 api_args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+        if router_cfg.get("cluster_cache") is False:
+            api_args.append("--no-cluster-cache")
         self._spawn("router", [sys.executable, "-m", "router.server", "--served-model-name", self.name,
                                "--host", self.host, "--port", str(self.port), "--worker-addr", self.worker_addr,
                                "--control-addr", self.control_addr, "--client-addr", self.client_addr,

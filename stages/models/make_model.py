@@ -1,7 +1,7 @@
 """epd-make-model: write a deterministic Hugging Face model directory with random weights.
 
-    epd-make-model --family {llava,qwen2_5_vl,qwen2,qwen3,llama} --size {tiny,small} \\
-        --seed N --out DIR [--shard-size-mb M] [--dtype float32|bfloat16]
+    epd-make-model --family {llava,qwen2_5_vl,qwen2,qwen3,llama} --size {tiny,small,7b} \\
+        --seed N --out DIR [--shard-size-mb M] [--dtype float32|bfloat16] [--config-only]
 
 The directory loads unchanged with transformers' Auto classes (and is meant to be
 served by vLLM): config.json, generation_config.json, model.safetensors (or
@@ -27,6 +27,12 @@ qwen2_5_vl  0.22 M  102.8 M (tied head)
 tiny text: hidden 64, 2 layers, 2 heads / 1 kv head, head_dim 32, MLP 128, vocab
 1024 (tokenizer 1000). small text: hidden 768, 12 layers, 12 / 4 heads, head_dim 64,
 MLP 2048, vocab 16384 (tokenizer 16000). Vision towers: see ``model_configs``.
+
+``7b`` (qwen2_5_vl only) is Qwen2.5-VL-7B-Instruct's shape: hidden 3584, 28 layers,
+28 / 4 heads, head_dim 128, MLP 18944, vocab 152064 (tokenizer 151665), untied head,
+vision tower of 32 blocks (hidden 1280, window attention), 8.29 B parameters. Its
+weights are not written (16.6 GB in bf16): ``--config-only`` writes every file but
+the safetensors, and the engine serves it with ``load_format="dummy"``.
 
 Checkpoint key layout (the hub's, details and initialisation in ``random_weights``):
 llama/qwen2/qwen3 ``model.*`` + ``lm_head.weight`` (llama only; qwen ties it);
@@ -60,21 +66,30 @@ OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors.inde
 # Bump when the generated models change (shapes, init, tokenizer): cached directories rebuild.
 FORMAT_REV = 3
 STAMP = "epd_make_model.json"
+CONFIG_ONLY_SIZES = ("7b",)  # too big to write random weights for: served with load_format="dummy"
 
 
 def make_model(family: str, size: str, out_dir: str | Path, seed: int = 0,
-               shard_size_mb: float | None = None, dtype: str = "float32", reuse: bool = False) -> Path:
+               shard_size_mb: float | None = None, dtype: str = "float32", reuse: bool = False,
+               config_only: bool = False) -> Path:
     """Write the model directory ``out_dir`` (created; emptied of old model files) and return it.
 
     ``shard_size_mb`` splits the weights into shards of at most that many MiB (a tensor
     larger than the limit gets a shard of its own), as ``save_pretrained`` does.
     ``reuse`` keeps a directory this same version built with the same arguments.
+    ``config_only`` writes everything but the weights (for ``load_format="dummy"``).
     """
     if family not in mc.FAMILIES or size not in mc.SIZES or dtype not in DTYPES:
         raise ValueError(f"unknown family/size/dtype: {family!r} {size!r} {dtype!r}")
+    mc.check_size(family, size)
+    if size in CONFIG_ONLY_SIZES and not config_only:
+        raise ValueError(f"size {size!r} is written without weights: pass config_only and serve it "
+                         "with load_format='dummy'")
     out = Path(out_dir)
     stamp = {"rev": FORMAT_REV, "family": family, "size": size, "seed": seed, "shard_size_mb": shard_size_mb,
              "dtype": dtype}
+    if config_only:
+        stamp["config_only"] = True
     if reuse and (out / STAMP).is_file() and json.loads((out / STAMP).read_text()) == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +98,7 @@ def make_model(family: str, size: str, out_dir: str | Path, seed: int = 0,
         old.unlink(missing_ok=True)
 
     text = mc.TEXT[size]
-    ids = write_tokenizer(out, family, size, text.tokenizer_tokens, text.max_positions)
+    ids = write_tokenizer(out, family, mc.TOKENIZER_CORPUS[size], text.tokenizer_tokens, text.max_positions)
     if ids["tokenizer_size"] > text.vocab_size:
         raise AssertionError(f"tokenizer has {ids['tokenizer_size']} tokens > vocab {text.vocab_size}")
     config = mc.model_config(family, size, dtype, ids)
@@ -94,10 +109,11 @@ def make_model(family: str, size: str, out_dir: str | Path, seed: int = 0,
         if cfg is not None:
             _write_json(out / name, cfg)
 
-    shapes = transformers_shapes(out, family)
-    tensors = random_state_dict(family, shapes, seed, ids["tokenizer_size"],
-                                tied=mc.TIE_EMBEDDINGS[family], dtype=DTYPES[dtype])
-    write_safetensors(out, tensors, shard_size_mb)
+    if not config_only:
+        shapes = transformers_shapes(out, family)
+        tensors = random_state_dict(family, shapes, seed, ids["tokenizer_size"],
+                                    tied=mc.tie_embeddings(family, size), dtype=DTYPES[dtype])
+        write_safetensors(out, tensors, shard_size_mb)
     _write_json(out / STAMP, stamp)
     return out
 
@@ -177,13 +193,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-size-mb", type=float, default=None)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--reuse", action="store_true", help="keep DIR if this version built it with these arguments")
+    p.add_argument("--config-only", action="store_true",
+                   help="write no weights (serve with load_format dummy); required for --size 7b")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = make_model(args.family, args.size, args.out, seed=args.seed,
-                     shard_size_mb=args.shard_size_mb, dtype=args.dtype, reuse=args.reuse)
+                     shard_size_mb=args.shard_size_mb, dtype=args.dtype, reuse=args.reuse,
+                     config_only=args.config_only)
     print(out)
     return 0
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FAMILIES = ("llava", "qwen2_5_vl", "qwen2", "qwen3", "llama")
-SIZES = ("tiny", "small")
+SIZES = ("tiny", "small", "7b")
+# A size only some families have: 7b is Qwen2.5-VL-7B-Instruct's shape, served with dummy weights.
+SIZE_FAMILIES = {"7b": ("qwen2_5_vl",)}
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,11 @@ class QwenVisionSize:
 TEXT = {
     "tiny": TextSize(64, 2, 2, 1, 32, 128, 1024, 1000, 2048),  # head_dim 32: vLLM-CPU has no kernel for 16
     "small": TextSize(768, 12, 12, 4, 64, 2048, 16384, 16000, 8192),
+    # Qwen2.5-VL-7B's decoder and tokenizer size: with random weights most sampled ids must decode
+    # to text, or a streaming client would see empty deltas and misread TTFT.
+    "7b": TextSize(3584, 28, 28, 4, 128, 18944, 152064, 151665, 128000),
 }
+TOKENIZER_CORPUS = {"tiny": "tiny", "small": "small", "7b": "large"}  # tokenizer_builder's corpus sizes
 CLIP = {
     "tiny": ClipSize(32, 2, 2, 64, 112),  # 8x8 patches -> 64 image tokens
     "small": ClipSize(384, 6, 6, 1536, 224),  # 16x16 patches -> 256 image tokens
@@ -72,6 +78,8 @@ CLIP = {
 QWEN_VISION = {
     "tiny": QwenVisionSize(32, 2, 2, 64, 56, (1,), 4 * 28 * 28, 64 * 28 * 28),
     "small": QwenVisionSize(384, 6, 6, 1024, 112, (2, 5), 4 * 28 * 28, 256 * 28 * 28),
+    # The real 7B tower: 32 blocks, window attention except blocks 7/15/23/31, up to 16384 tokens.
+    "7b": QwenVisionSize(1280, 32, 16, 3420, 112, (7, 15, 23, 31), 4 * 28 * 28, 16384 * 28 * 28),
 }
 # mrope splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
 MROPE_SECTION = {16: [2, 3, 3], 32: [4, 6, 6], 64: [8, 12, 12], 128: [16, 24, 24]}
@@ -80,6 +88,7 @@ MROPE_SECTION = {16: [2, 3, 3], 32: [4, 6, 6], 64: [8, 12, 12], 128: [16, 24, 24
 ROPE_THETA_SMALL = {"llama": 500000.0, "llava": 10000.0, "qwen2": 1000000.0, "qwen3": 1000000.0,
                     "qwen2_5_vl": 1000000.0}
 TIE_EMBEDDINGS = {"qwen2": True, "qwen3": True, "qwen2_5_vl": True, "llama": False, "llava": False}
+UNTIED_SIZES = ("7b",)  # Qwen2.5-VL-7B has its own lm_head (the 3B and smaller tie it)
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -94,6 +103,15 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def config_bos(ids: dict) -> int | None:
     """bos id for config files: Qwen tokenizers add no bos, but Qwen configs name <|endoftext|>."""
     return ids["bos"] if ids["bos"] is not None else ids.get("endoftext")
+
+
+def tie_embeddings(family: str, size: str) -> bool:
+    return TIE_EMBEDDINGS[family] and size not in UNTIED_SIZES
+
+
+def check_size(family: str, size: str) -> None:
+    if size not in SIZES or family not in SIZE_FAMILIES.get(size, FAMILIES):
+        raise ValueError(f"family {family!r} has no size {size!r}")
 
 
 def rope_theta(family: str, size: str) -> float:
@@ -114,7 +132,7 @@ def _text_fields(family: str, size: str, dtype: str) -> dict:
         "num_key_value_heads": t.kv_heads,
         "rms_norm_eps": 1e-5 if family in ("llama", "llava") else 1e-6,
         "rope_theta": rope_theta(family, size),
-        "tie_word_embeddings": TIE_EMBEDDINGS[family],
+        "tie_word_embeddings": tie_embeddings(family, size),
         "torch_dtype": dtype,
         "use_cache": True,
         "vocab_size": t.vocab_size,

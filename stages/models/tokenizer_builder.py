@@ -92,7 +92,7 @@ _SYLLABLES = (
 ).split()
 
 
-PSEUDO_WORDS = {"tiny": 150, "small": 12000}
+PSEUDO_WORDS = {"tiny": 150, "small": 12000, "large": 140000}  # large: 151,665 tokens (Qwen2.5's count)
 
 
 def corpus(size: str) -> list[str]:
