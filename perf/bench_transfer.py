@@ -7,7 +7,7 @@ median. Beside them, taking turns with the pulls:
 - raw ucxx: the least a UCX pull can cost. The same UCX settings as the ucx
   backend (endpoints from worker addresses, error handling off, blocking
   progress): a 16-byte request, then the payload sent from the holder's
-  tensor into a buffer this process allocated once;
+  tensor into a buffer this process allocated once (warm pages);
 - ``copy_`` into a preallocated tensor (the memcpy ceiling) and ``clone``
   (allocate + copy: a pull returns a fresh tensor, so it pays the allocation too).
 
@@ -72,7 +72,7 @@ async def _endpoint(ucxx, worker_address: bytes):
 
 def _holder(conn, sizes: list[int], names: list[str], device: str) -> None:
     async def serve() -> None:
-        from transfer.ucx_backend import start_ucx, ucx_buffer
+        from transfer.ucx_backend import IDLE_POLL_S, SPIN_S, start_ucx, ucx_buffer
 
         ucxx = start_ucx()
         store: dict = {}
@@ -89,8 +89,20 @@ def _holder(conn, sizes: list[int], names: list[str], device: str) -> None:
         ep = await _endpoint(ucxx, conn.recv())  # the puller's worker address
         raw = {n: ucx_buffer(t) for n, t in payloads.items()}
         request = np.empty(2, dtype=np.uint64)
+        # Waiting on a posted receive spins the event loop in ucxx's blocking mode (and so
+        # would slow the ucx backend's answers in this process): poll for requests instead,
+        # back to back for a while after one, as the backend's own server does.
+        me = await _endpoint(ucxx, ucxx.get_worker_address().tobytes())
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:  # raw ucxx: (size, reply tag) in, the payload out; size 0 stops
-            await ucxx.recv(request, RAW_REQUEST_TAG)
+            ucxx.progress()
+            probe = me.tag_probe(RAW_REQUEST_TAG, force_tag=True, remove=True)
+            if not probe.matched:
+                await asyncio.sleep(0 if loop.time() - last < SPIN_S else IDLE_POLL_S)
+                continue
+            last = loop.time()
+            await me.recv_with_handle(request, probe)
             size, tag = int(request[0]), int(request[1])
             if size == 0:
                 break
