@@ -11,7 +11,9 @@ median. Beside them, taking turns with the pulls:
 - ``copy_`` into a preallocated tensor (the memcpy ceiling) and ``clone``
   (allocate + copy: a pull returns a fresh tensor, so it pays the allocation too).
 
-The 4 KiB row is the fixed cost of one pull (latency). ``--device cuda`` puts
+The 4 KiB row is the fixed cost of one pull (latency). Pulls run back to back,
+so the holder's ucx server is in its busy window (``SPIN_S``); a pull to an
+idle holder waits up to ``IDLE_POLL_S`` more for its request to be seen. ``--device cuda`` puts
 the payloads on the GPU in both processes (a KV transfer between two
 processes on one GPU) and the copies become device-to-device.
 
