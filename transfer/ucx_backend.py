@@ -176,8 +176,6 @@ def _fresh(dtype: torch.dtype, shape: list[int], dev: torch.device) -> torch.Ten
     return torch.frombuffer(_host_pool.take(n), dtype=torch.uint8).view(dtype).view(shape)
 
 
-
-
 class _HostPool:
     """Host receive buffers that come back when the caller's tensors die.
 
@@ -273,8 +271,8 @@ async def _reply_peer(ucx, worker_address: bytes, epoch: object) -> _Peer:
     """The endpoint to answer a puller whose own endpoint to us has number ``epoch``.
 
     UCX pairs our endpoint with one of the puller's; once the puller aborted
-    that one (a reaped or forgotten peer) our rendezvous sends would fail on its
-    side. A new number means it did: make a fresh endpoint, paired anew.
+    that one (after a timeout, or ``forget_peer``) our rendezvous sends would
+    fail on its side. A new number means it did: make a fresh endpoint, paired anew.
     """
     peer = await _peer(ucx, worker_address)
     if peer.peer_epoch is not None and peer.peer_epoch != epoch:
@@ -435,7 +433,7 @@ class UcxBackend(TransferBackend):
             async with asyncio.timeout(timeout):
                 peer = await _peer(self._ucx, worker_address)
                 peer.users += 1
-                hbuf = np.zeros(_CTRL_BYTES, dtype=np.uint8)
+                hbuf = np.empty(_CTRL_BYTES, dtype=np.uint8)
                 # Post the header receive first: the reply never waits in UCX's unexpected queue.
                 header_recv = asyncio.ensure_future(peer.ep.recv(hbuf, tag=tag, force_tag=True))
                 pending.append(header_recv)
