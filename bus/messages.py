@@ -300,3 +300,12 @@ class HealthReply:
 @message(60)
 class Shutdown:
     reason: str = ""
+
+
+@message(61)
+class WorkerGone:
+    """A worker died or restarted: peers drop their transfer connections to its old card."""
+
+    worker_id: str
+    transfer: dict[str, str]
+    reason: str = ""

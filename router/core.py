@@ -59,6 +59,7 @@ class RouterCore:
         self.flights: dict[str, _Flight] = {}
         self.metrics = metrics
         self._tasks: list[asyncio.Task] = []
+        self.pub: AsyncSocket | None = None
         self.index = ClusterIndex()
         self.cluster_cache = cluster_cache  # off: every image is encoded, every prefix computed (A/B runs)
         self.encoding: dict[str, asyncio.Future] = {}  # image bytes key -> its ImageRef, while encoding
@@ -374,6 +375,12 @@ class RouterCore:
         flight.workers.discard(holder)
         await self._send_quiet(holder, m.ReleaseKv(key))
 
+    async def _send_pub(self, msg) -> None:
+        try:
+            await self.pub.send(msg, to=b"ctl")
+        except Exception:  # noqa: BLE001 - a broadcast is best effort
+            log.exception("broadcasting %s failed", type(msg).__name__)
+
     async def _send_quiet(self, wid: str, msg) -> None:
         try:
             await self.sock.send(msg, to=wid.encode())
@@ -394,6 +401,9 @@ class RouterCore:
 
     def _fail_requests_of(self, rec: WorkerRecord, why: str) -> None:
         self.index.forget_worker(rec.worker_id)
+        if self.pub is not None:  # pulls waiting on it end now, not at their timeout
+            asyncio.get_running_loop().create_task(
+                self._send_pub(m.WorkerGone(rec.worker_id, rec.info.transfer, why)))
         for rid, (wid, keys) in list(self.encode_jobs.items()):
             if wid == rec.worker_id:
                 del self.encode_jobs[rid]

@@ -145,6 +145,11 @@ class StageWorker:
             if isinstance(msg, m.Shutdown):
                 log.info("shutdown broadcast: %s", msg.reason)
                 self.stop()
+            elif isinstance(msg, m.WorkerGone) and msg.worker_id != self.worker_id:
+                try:
+                    await self.transfer.forget_peer(msg.transfer)
+                except Exception:  # noqa: BLE001 - pulls still end at their timeout
+                    log.exception("forgetting peer %s failed", msg.worker_id)
 
     async def _recv_loop(self) -> None:
         handlers = {m.GenerateRequest: self._generate, m.EncodeRequest: self._encode,

@@ -124,10 +124,12 @@ def test_wedged_encoder_mid_transfer_falls_back_to_encoding(dep, llava_dir, test
         async with aiohttp.ClientSession() as s:
             return await _chat(s, dep, text + " #0", [img])
 
-    assert _run(first()) == reference(llava_dir, text + " #0", [img])[:MAX_TOKENS]
     _settle()
     before = _metric(dep, "epd:images_encoded_total")
-    holder = max((w for w in before if w.startswith("encode")), key=lambda w: before[w])
+    assert _run(first()) == reference(llava_dir, text + " #0", [img])[:MAX_TOKENS]
+    _settle()
+    after = _metric(dep, "epd:images_encoded_total")
+    (holder,) = [w for w in after if w.startswith("encode") and after[w] > before.get(w, 0)]
     fallbacks_before = sum(_metric(dep, "epd:embedding_pull_fallbacks_total").values())
     os.kill(dep.procs[holder].pid, signal.SIGSTOP)  # wedged: alive, holding the embedding, silent
 
