@@ -11,7 +11,9 @@ median. Beside them, taking turns with the pulls:
 - ``copy_`` into a preallocated tensor (the memcpy ceiling) and ``clone``
   (allocate + copy: a pull returns a fresh tensor, so it pays the allocation too).
 
-The 4 KiB row is the fixed cost of one pull (latency). Pulls run back to back,
+The 4 KiB row is the fixed cost of one pull (latency). The ucx pulls'
+tensors die before the next pull, so their buffers come back to the backend's
+receive pool (hits and misses go to the JSON). Pulls run back to back,
 so the holder's ucx server is in its busy window (``SPIN_S``); a pull to an
 idle holder waits up to ``IDLE_POLL_S`` more for its request to be seen. ``--device cuda`` puts
 the payloads on the GPU in both processes (a KV transfer between two
@@ -228,6 +230,10 @@ def main() -> None:
         if holder.is_alive():
             holder.kill()
 
+    pool = {}
+    if "ucx" in names:  # the ucx pulls' destinations: reused once the previous pull's tensor died
+        from transfer.ucx_backend import _recv_pool
+        pool = {"hits": _recv_pool.hits, "misses": _recv_pool.misses}
     methods = ["copy", "clone", "raw", *names]
     rows = []
     for n in sizes:
@@ -266,6 +272,7 @@ def main() -> None:
                 "raw = raw ucxx request + payload into a preallocated buffer; copy/clone are in-process "
                 "baselines measured in the same run",
         "rows": rows,
+        "recv_pool": pool,
     }, indent=2) + "\n")
     print(f"wrote {out}")
 

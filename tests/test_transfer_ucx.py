@@ -293,24 +293,31 @@ def test_holder_killed_mid_transfer(monkeypatch):
     assert_same(got, payloads()["mix"])
 
 
-def test_receive_pool_lends_a_buffer_only_once_its_tensor_died():
-    from transfer.ucx_backend import _HostPool
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
+])
+def test_receive_pool_lends_a_buffer_only_once_its_tensor_died(device):
+    from transfer.ucx_backend import _RecvPool
 
-    pool = _HostPool(max_bytes=8 << 20)
-    a = torch.frombuffer(pool.take(3 << 20), dtype=torch.uint8)
+    dev = torch.device(device)
+    pool = _RecvPool(max_bytes=8 << 20)
+    a = pool.take(3 << 20, dev)
+    assert a.device.type == dev.type and a.dtype == torch.uint8 and a.numel() == 3 << 20
     a_view = a[10:20]
     del a
-    b = torch.frombuffer(pool.take(3 << 20), dtype=torch.uint8)
+    b = pool.take(3 << 20, dev)
     assert (pool.hits, pool.misses) == (0, 2)  # a_view still holds the first buffer
     ptr = a_view.data_ptr() - 10
     del a_view
-    c = torch.frombuffer(pool.take(3 << 20), dtype=torch.uint8)
+    c = pool.take(3 << 20, dev)
     assert pool.hits == 1 and c.data_ptr() == ptr and c.data_ptr() != b.data_ptr()
     assert pool.size_class(3 << 20) - (3 << 20) <= (3 << 20) // 8
     del b, c
-    big = pool.take(16 << 20)  # over max_bytes: dropped when it comes back
+    big = pool.take(16 << 20, dev)  # over max_bytes: dropped when it comes back
     del big
-    assert pool.take(16 << 20) is not None and pool.hits == 1
+    assert pool.take(16 << 20, dev) is not None and pool.hits == 1
 
 
 def test_errors_name_the_package(monkeypatch):
@@ -337,16 +344,21 @@ def test_cuda_round_trip(holder, expected):
     _, _, card = holder
 
     async def pulls(t):
-        got = await t.pull(card, "mix", timeout=10, device="cuda")
+        got = await t.pull(card, "mix", timeout=10, device="cuda")  # inline in the header
         assert all(x.is_cuda for x in got)
+        mid = await t.pull(card, "mid", timeout=10, device="cuda")  # into pooled device buffers
+        for x in mid:
+            x.zero_()  # the caller's: the next pull of the same sizes gets other memory, or this back
+        mid = await t.pull(card, "mid", timeout=10, device="cuda")
         # Both ends on the GPU: publish what we pulled, pull it back through ourselves.
-        t.put("back", got)
+        t.put("back", got + mid)
         again = await t.pull(t.card, "back", timeout=10, device="cuda")
-        return [x.cpu() for x in got], [x.cpu() for x in again]
+        return [x.cpu() for x in got + mid], [x.cpu() for x in again]
 
     got, again = run(pulls)
-    assert_same(got, expected["mix"])
-    assert_same(again, expected["mix"])
+    want = expected["mix"] + expected["mid"]
+    assert_same(got, want)
+    assert_same(again, want)
 
 
 def test_zz_holder_counters(holder):
