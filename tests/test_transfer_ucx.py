@@ -314,6 +314,7 @@ def test_receive_pool_lends_a_buffer_only_once_its_tensor_died(device):
     c = pool.take(3 << 20, dev)
     assert pool.hits == 1 and c.data_ptr() == ptr and c.data_ptr() != b.data_ptr()
     assert pool.size_class(3 << 20) - (3 << 20) <= (3 << 20) // 8
+    assert pool.size_class(1) == pool.size_class(4096) == 4096  # a CUDA scalar is pooled too
     del b, c
     big = pool.take(16 << 20, dev)  # over max_bytes: dropped when it comes back
     del big

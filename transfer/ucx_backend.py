@@ -55,6 +55,7 @@ import logging
 import os
 import secrets
 import struct
+import sys
 import threading
 import weakref
 
@@ -246,7 +247,7 @@ class _RecvPool:
 
     @staticmethod
     def size_class(n: int) -> int:
-        step = max(1 << (n.bit_length() - 4), 4096)
+        step = max(1 << max(n.bit_length() - 4, 0), 4096)
         return -(-n // step) * step
 
     def take(self, n: int, dev: torch.device = torch.device("cpu")) -> torch.Tensor:
@@ -361,6 +362,16 @@ def _abort(worker_address: bytes, peer: _Peer) -> None:
     peer.keep.clear()
 
 
+def _start_now(coro, loop) -> asyncio.Task:
+    """A task that runs ``coro`` at once up to its first wait (Python 3.12+; before, next turn).
+
+    An answer then posts its sends in the server's own turn of the loop.
+    """
+    if sys.version_info >= (3, 12):
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+    return loop.create_task(coro)
+
+
 class UcxBackend(TransferBackend):
     """Serves pulls on this process's UCX worker; pulls from peers' ``ucx://`` addresses."""
 
@@ -418,7 +429,7 @@ class UcxBackend(TransferBackend):
                 continue
             if req.get("op") != "pull":
                 continue
-            task = asyncio.create_task(self._answer(req))
+            task = _start_now(self._answer(req), loop)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
