@@ -19,8 +19,15 @@ idle holder waits up to ``IDLE_POLL_S`` more for its request to be seen. ``--dev
 the payloads on the GPU in both processes (a KV transfer between two
 processes on one GPU) and the copies become device-to-device.
 
+``--loopback N`` measures only the ucx backend's fixed cost, in one process:
+``N`` pulls of a 4 KiB tensor from its own store, both ends on one event
+loop. It counts the Python and UCX work of a pull on both sides without the
+scheduling of two processes, so it holds on a loaded machine where the
+two-process figures do not.
+
     python perf/bench_transfer.py [--sizes-mib 1,4,16,64,256] [--reps 7] [--device cpu|cuda] \
         [--backends ucx,shm,zmq] [--out perf/out/bench_transfer.json]
+    python perf/bench_transfer.py --loopback 2000
 """
 
 from __future__ import annotations
@@ -201,6 +208,19 @@ def _size(n: int) -> str:
     return f"{n // MiB} MiB" if n >= MiB else f"{n // 1024} KiB"
 
 
+async def _loopback(pulls: int, device: str) -> list[float]:
+    from transfer.ucx_backend import UcxBackend
+
+    ucx = UcxBackend()
+    await ucx.start()
+    ucx.put("k", [_payload(LATENCY_BYTES, device)])
+    times = []
+    for _ in range(pulls + 20):  # the first ones make the endpoint and warm the pools
+        times.append(await _timed_pull(ucx, ucx.address, "k", device))
+    await ucx.close()
+    return times[20:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", default="1,4,16,64,256")
@@ -208,7 +228,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the payloads live in both processes (cpu, cuda)")
     ap.add_argument("--backends", default=None, help="comma list of ucx,shm,zmq (default: all on cpu, ucx on cuda)")
     ap.add_argument("--out", default=None, help="default: perf/out/bench_transfer[_cuda].json")
+    ap.add_argument("--loopback", type=int, default=0, metavar="N",
+                    help="only the ucx fixed cost: N pulls of 4 KiB from this process's own store")
     args = ap.parse_args()
+    if args.loopback:
+        times = sorted(asyncio.run(_loopback(args.loopback, args.device)))
+        q = [times[int(f * (len(times) - 1))] * 1e3 for f in (0.1, 0.5, 0.9)]
+        print(f"ucx loopback pull of 4 KiB ({args.device}, {len(times)} pulls): "
+              f"p10 {q[0]:.3f} ms, median {q[1]:.3f} ms, p90 {q[2]:.3f} ms")
+        return
     cuda = args.device.startswith("cuda")
     names = (args.backends or ("ucx" if cuda else "ucx,shm,zmq")).split(",")
     sizes = [LATENCY_BYTES] + [int(float(s) * MiB) for s in args.sizes_mib.split(",")]
