@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from perf.epd_bench.cli import add_load_args, format_run, run_sweep  # noqa: E402
+from perf.epd_bench.cli import add_load_args, run_sweep  # noqa: E402
 from perf.epd_bench.datasets import noise_image_url  # noqa: E402
 from router.serve import Deployment, free_port, load_config  # noqa: E402
 
@@ -103,7 +103,6 @@ def main(argv=None) -> int:
             print(f"{r['system']:18} {s['request_throughput']:7.2f} {s['median_ttft_ms']:9.1f} "
                   f"{s['p90_ttft_ms']:9.1f} {s['median_e2el_ms']:9.1f} {c['images_encoded']:8.0f} "
                   f"{c['kv_prefix_blocks_fetched']:17.0f}")
-            print(format_run(run))
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
     return 0
