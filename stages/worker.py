@@ -284,7 +284,7 @@ class StageWorker:
         n = 0
         try:
             hashes = [int(h, 16) for h in msg.block_hashes]
-            out = await self.threads.call(lambda e: e.export_prefix(hashes))
+            out = self.engine.export_prefix(hashes)  # here, not between steps: see its docstring
             if out is not None:
                 self.transfer.put(msg.key, list(out))
                 # Dropped when the asker says it took it, or after a pull's worth of time.

@@ -8,6 +8,7 @@ does not match the prompt is refused. Index level: events in, lookups out.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bus.messages import ImageRef
 from router.cluster_index import ClusterIndex
@@ -78,6 +79,29 @@ def test_mismatched_prefix_is_refused(llama):
     req = taker.engine.prepare_request("r2", SHARED + "First question?", params)
     used, _ = _run_prepared(taker.engine, req, (kv[:, :, :-1], tokens))
     assert used == 0
+
+
+def test_export_drops_blocks_evicted_while_read(llama):
+    """The engine thread may evict a block while another thread copies it out: the re-check
+    after the read keeps only the run that stayed."""
+    holder = make_llm(llama)
+    _greedy(holder, SHARED + "First question?")
+    eng = holder.engine
+    hashes = eng.blocks.prefix_hashes(eng.prepare_request("h", SHARED + "First question?", SamplingParams()).seq)
+    full_kv, full_tokens = eng.export_prefix(hashes)
+    victim = eng.blocks.blocks_of(hashes)[3]
+    read = eng.runner.read_blocks
+
+    def read_while_evicting(blocks):
+        out = read(blocks)
+        eng.blocks._evict(victim)  # as if a step had reused block 3 meanwhile
+        return out
+
+    eng.runner.read_blocks = read_while_evicting
+    kv, tokens = eng.export_prefix(hashes)
+    bs = eng.config.block_size
+    assert tokens.numel() == 3 * bs and tokens.tolist() == full_tokens[:3 * bs].tolist()
+    assert kv.is_contiguous() and torch.equal(kv, full_kv[:, :, :3 * bs])
 
 
 def test_index_longest_prefix_and_forgetting():

@@ -165,12 +165,26 @@ class LLMEngine:
         return self.blocks.prefix_hashes(req.seq), self.blocks.cached_run(req.seq)
 
     def export_prefix(self, hashes: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Copy out the KV and token ids of the longest leading run of ``hashes`` held here."""
-        blocks = self.blocks.blocks_of(hashes)
-        if not blocks:
+        """Copy out the KV and token ids of the longest leading run of ``hashes`` held here.
+
+        Safe to call from another thread while the engine steps, so that an asking worker need
+        not wait for a step boundary: a block evicted (and maybe rewritten) while it was read is
+        caught by re-checking its hash after the read, a seqlock of sorts. On a GPU the read is
+        queued on the stream the engine writes on, so writes launched after the check land
+        after it.
+        """
+        bm = self.blocks
+        blocks = bm.blocks_of(hashes)
+        tokens = [bm.block_tokens[b] for b in blocks]
+        if not blocks or any(t is None for t in tokens):
             return None
-        tokens = [t for b in blocks for t in self.blocks.block_tokens[b]]
-        return self.runner.read_blocks(blocks), torch.tensor(tokens, dtype=torch.int64)
+        kv = self.runner.read_blocks(blocks)
+        n = 0
+        while n < len(blocks) and bm.block_hash[blocks[n]] == hashes[n]:
+            n += 1
+        if n == 0:
+            return None
+        return kv[:, :, :n * bm.block_size].contiguous(), torch.tensor([t for ts in tokens[:n] for t in ts], dtype=torch.int64)
 
     def _split_prompt(self, prompt, images):
         if isinstance(prompt, dict):
