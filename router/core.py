@@ -64,7 +64,7 @@ class RouterCore:
         self.cluster_cache = cluster_cache  # off: every image is encoded, every prefix computed (A/B runs)
         self.encoding: dict[str, asyncio.Future] = {}  # image bytes key -> its ImageRef, while encoding
         self.encode_jobs: dict[str, tuple[str, list[str]]] = {}  # request id -> (encode worker, bytes keys)
-        self.prefix_exports: dict[str, tuple[str, str]] = {}  # store key -> (asking worker, holder)
+        self.prefix_exports: dict[str, tuple[str, str, str]] = {}  # store key -> (asker, holder, request id)
         self.cache_stats: Counter[str] = Counter(images_from_cluster_cache=0, images_encode_shared=0,
                                                  prefix_queries=0, prefix_hits=0)
 
@@ -292,7 +292,7 @@ class RouterCore:
         flight = self.flights.get(getattr(msg, "request_id", ""))
         if isinstance(msg, m.KvTaken):
             if msg.kv_key in self.prefix_exports:
-                _, holder = self.prefix_exports.pop(msg.kv_key)
+                _, holder, _ = self.prefix_exports.pop(msg.kv_key)
                 await self._send_quiet(holder, m.ReleaseKv(msg.kv_key))
                 return
             await self._release_kv(flight, msg.kv_key)
@@ -323,7 +323,7 @@ class RouterCore:
             holder = self.policy.choose("kv_holder", [self.registry.workers[h] for h in holders],
                                         flight.req if flight else None)
             key = prefix_key(q.request_id, uuid.uuid4().hex[:8])
-            self.prefix_exports[key] = (wid, holder.worker_id)
+            self.prefix_exports[key] = (wid, holder.worker_id, q.request_id)
             try:
                 await self.sock.send(m.PrefixExport(q.request_id, q.block_hashes[:n], key),
                                      to=holder.worker_id.encode())
@@ -401,6 +401,12 @@ class RouterCore:
 
     def _fail_requests_of(self, rec: WorkerRecord, why: str) -> None:
         self.index.forget_worker(rec.worker_id)
+        for key, (asker, holder, rid) in list(self.prefix_exports.items()):
+            if rec.worker_id in (asker, holder):
+                del self.prefix_exports[key]
+                if rec.worker_id == holder:  # the asker computes now instead of timing out
+                    asyncio.get_running_loop().create_task(
+                        self._send_quiet(asker, m.PrefixAnswer(rid, "", {}, 0)))
         if self.pub is not None:  # pulls waiting on it end now, not at their timeout
             asyncio.get_running_loop().create_task(
                 self._send_pub(m.WorkerGone(rec.worker_id, rec.info.transfer, why)))

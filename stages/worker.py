@@ -261,7 +261,10 @@ class StageWorker:
             return None
         finally:
             self.prefix_answers.pop(rid, None)
-        if ans.num_blocks <= local:
+        if not ans.key:
+            return None
+        if ans.num_blocks <= local:  # the holder had less left than asked: not worth a pull
+            await self.sock.send(m.KvTaken(rid, ans.key))
             return None
         try:
             kv, tokens = await self.transfer.pull(ans.holder, ans.key, timeout=self.pull_timeout,
@@ -278,6 +281,8 @@ class StageWorker:
         fut = self.prefix_answers.get(msg.request_id)
         if fut is not None and not fut.done():
             fut.set_result(msg)
+        elif msg.key:  # answered after we stopped waiting: let the holder drop its copy
+            await self.sock.send(m.KvTaken(msg.request_id, msg.key))
 
     async def _export_prefix(self, msg: m.PrefixExport) -> None:
         """Copy out the asked prefix blocks for another worker (never fails the asker's request)."""
