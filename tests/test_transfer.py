@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing as mp
 import os
-import threading
 import time
 
 import pytest
@@ -22,6 +20,7 @@ from transfer.base import KeyNotFound, TransferError, TransferTimeout
 from transfer.select import MultiTransfer, host_id, make_backend
 from transfer.shm_backend import SHM_DIR, ShmBackend
 from transfer.shm_pool import SEGMENT_PREFIX, owner_prefix
+from tests.transfer_holder import spawn_holder
 from transfer.wire import describe
 
 BACKENDS = ("shm", "zmq")
@@ -47,55 +46,8 @@ def payloads() -> dict[str, list[torch.Tensor]]:
     }
 
 
-def _holder(conn) -> None:
-    """Publish ``payloads()`` over shm + zmq, send the card, then obey commands from ``conn``."""
-
-    async def main() -> None:
-        t = make_backend("auto", "127.0.0.1")
-        await t.start()
-        for key, tensors in payloads().items():
-            t.put(key, tensors)
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def command(msg):
-            if msg[0] == "stats":
-                shm = t.backend("shm")
-                conn.send({**t.stats(), "lent": shm.pool.lent, "free_bytes": shm.pool.free_bytes})
-            elif msg[0] == "stall":  # block the event loop, as a wedged worker would
-                conn.send("stalling")
-                time.sleep(msg[1])
-            elif msg[0] == "close":
-                loop.create_task(close_and_reply())
-
-        async def close_and_reply():
-            await t.close()
-            conn.send("closed")
-            done.set_result(None)
-
-        def reader():
-            while True:
-                msg = conn.recv()
-                loop.call_soon_threadsafe(command, msg)
-                if msg[0] == "close":
-                    return
-
-        conn.send(t.card)
-        threading.Thread(target=reader, daemon=True).start()
-        await done
-
-    asyncio.run(main())
-
-
 def _spawn_holder():
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_holder, args=(child,), daemon=True)
-    proc.start()
-    if not parent.poll(60):
-        proc.kill()
-        raise RuntimeError("holder did not start")
-    return proc, parent, parent.recv()
+    return spawn_holder(payloads)
 
 
 def _segments(*pids: int) -> set[str]:

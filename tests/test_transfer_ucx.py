@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing as mp
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -25,6 +23,7 @@ if not ucx_available():
 from transfer.base import KeyNotFound, TransferError, TransferTimeout  # noqa: E402
 from transfer.select import MultiTransfer, host_id, make_backend  # noqa: E402
 from transfer.ucx_backend import UcxBackend  # noqa: E402
+from tests.transfer_holder import spawn_holder  # noqa: E402
 from transfer.wire import describe  # noqa: E402
 
 HUGE = 256 << 20  # bytes: long enough on the wire to kill its holder in the middle
@@ -54,54 +53,8 @@ def payloads(huge: bool = False) -> dict[str, list[torch.Tensor]]:
     return out
 
 
-def _holder(conn, kind: str, huge: bool) -> None:
-    """Publish ``payloads()`` (``kind`` transports), send the card, then obey ``conn``."""
-
-    async def main() -> None:
-        t = make_backend(kind, "127.0.0.1")
-        await t.start()
-        for key, tensors in payloads(huge).items():
-            t.put(key, tensors)
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def command(msg):
-            if msg[0] == "stats":
-                conn.send(t.stats())
-            elif msg[0] == "stall":  # block the event loop, as a wedged worker would
-                conn.send("stalling")
-                time.sleep(msg[1])
-            elif msg[0] == "close":
-                loop.create_task(close_and_reply())
-
-        async def close_and_reply():
-            await t.close()
-            conn.send("closed")
-            done.set_result(None)
-
-        def reader():
-            while True:
-                msg = conn.recv()
-                loop.call_soon_threadsafe(command, msg)
-                if msg[0] == "close":
-                    return
-
-        conn.send(t.card)
-        threading.Thread(target=reader, daemon=True).start()
-        await done
-
-    asyncio.run(main())
-
-
 def _spawn_holder(kind: str = "auto", huge: bool = False):
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_holder, args=(child, kind, huge), daemon=True)
-    proc.start()
-    if not parent.poll(60):
-        proc.kill()
-        raise RuntimeError("holder did not start")
-    return proc, parent, parent.recv()
+    return spawn_holder(payloads, kind, huge)
 
 
 @pytest.fixture(scope="module")
