@@ -41,6 +41,8 @@ from stages.engine.outputs import RequestOutput
 from stages.engine_thread import EngineThread
 from stages.wire import handoff_header, output_to_delta
 from transfer.base import TransferError
+from transfer.content_cache import ContentCache
+from transfer.hash_keys import embedding_key, handoff_key
 from transfer.select import make_backend
 
 log = logging.getLogger("epd.stage")
@@ -57,7 +59,6 @@ class StageWorker:
         self.worker_id = args.worker_id or f"{args.role}-{uuid.uuid4().hex[:8]}"
         self.incarnation = uuid.uuid4().hex
         self.done = asyncio.Event()
-        self.embed_keys: dict[str, int] = {}  # encode role: published embeddings -> bytes (LRU order)
         self.embed_events: list[tuple[bool, object]] = []  # (stored?, ImageRef | hash) for the index
         self.prefix_answers: dict[str, asyncio.Future] = {}  # request id -> PrefixAnswer awaited
         self.counters: Counter[str] = Counter({name: 0 for name in m.CACHE_COUNTERS})
@@ -74,6 +75,8 @@ class StageWorker:
                            max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                            enable_prefix_caching=not a.no_prefix_caching)
         self.engine = LLMEngine(cfg)
+        # Encode role: the embeddings kept pullable, by pixel hash, within the encoder cache budget.
+        self.published = ContentCache(cfg.encoder_cache_mb << 20)
         if self.role != "encode":
             self.engine.blocks.record_events()
         text_cfg = getattr(self.engine.hf_config, "text_config", None) or self.engine.hf_config
@@ -173,7 +176,7 @@ class StageWorker:
             await self._fail(rid, 400, str(e))
         except Exception as e:  # noqa: BLE001 - reported, never fatal to the worker
             log.exception("request %s failed", rid)
-            await self._fail(rid, 500 if not _is_transfer_error(e) else 503, f"{type(e).__name__}: {e}",
+            await self._fail(rid, 503 if isinstance(e, TransferError) else 500, f"{type(e).__name__}: {e}",
                              "internal_error")
 
     async def _fail(self, rid: str | None, status: int, message: str, kind: str = "invalid_request_error"):
@@ -239,7 +242,7 @@ class StageWorker:
         return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(msg.image_refs))))
 
     async def _pull_embedding(self, ref: m.ImageRef) -> PreparedImage:
-        key = f"emb/{ref.content_hash}"
+        key = embedding_key(ref.content_hash)
         (emb,) = await self.transfer.pull(ref.holder, key, timeout=self.pull_timeout,
                                           device=str(self.engine.device))
         if emb.ndim != 2 or tuple(emb.shape) != (ref.num_tokens, self.embed_dim):
@@ -308,20 +311,19 @@ class StageWorker:
 
     def _publish_embedding(self, p: PreparedImage) -> None:
         """Keep encoded embeddings pullable under their content hash, within a byte budget (LRU)."""
-        key = f"emb/{p.content_hash}"
-        size = p.embedding.numel() * p.embedding.element_size()
-        if key in self.embed_keys:
-            self.embed_keys[key] = self.embed_keys.pop(key)  # most recently used
+        h = p.content_hash
+        if h in self.published:
+            self.published.get(h)  # most recently used
             return
-        self.transfer.put(key, [p.embedding])
-        self.embed_keys[key] = size
+        self.transfer.put(embedding_key(h), [p.embedding])
+        evicted = self.published.put(h, p.embedding)
+        if h not in self.published:  # larger than the whole budget: pullable for this request only
+            self.loop.call_later(2 * self.pull_timeout, self.transfer.drop, embedding_key(h))
+            return
         self.embed_events.append((True, self._ref(p)))
-        budget = self.engine.config.encoder_cache_mb << 20
-        while sum(self.embed_keys.values()) > budget and len(self.embed_keys) > 1:
-            old = next(iter(self.embed_keys))
-            del self.embed_keys[old]
-            self.transfer.drop(old)
-            self.embed_events.append((False, old.removeprefix("emb/")))
+        for old in evicted:
+            self.transfer.drop(embedding_key(old))
+            self.embed_events.append((False, old))
 
     def _ref(self, p: PreparedImage) -> m.ImageRef:
         return m.ImageRef(p.content_hash, p.num_tokens, list(p.grid_thw) if p.grid_thw else None,
@@ -350,7 +352,7 @@ class StageWorker:
     async def _abort(self, msg: m.AbortRequest) -> None:
         self.aborted[msg.request_id] = time.monotonic()
         await self.threads.call(lambda e: e.abort_request(msg.request_id))
-        self.transfer.drop(f"kv/{msg.request_id}")
+        self.transfer.drop(handoff_key(msg.request_id))
 
     async def _release(self, msg: m.ReleaseKv) -> None:
         self.transfer.drop(msg.kv_key)
@@ -368,16 +370,10 @@ class StageWorker:
             await self.sock.send(output_to_delta(out, self.engine.tokenizer))
             h = handoffs.get(out.request_id)
             if h is not None:
-                key = f"kv/{out.request_id}"
+                key = handoff_key(out.request_id)
                 self.transfer.put(key, [h.kv, *h.image_embeddings])
                 await self.sock.send(m.PrefillDone(out.request_id, handoff_header(h), key,
                                                    self.transfer.card))
-
-
-def _is_transfer_error(e: Exception) -> bool:
-    from transfer.base import TransferError
-
-    return isinstance(e, TransferError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
