@@ -83,7 +83,8 @@ async def _endpoint(ucxx, worker_address: bytes):
 
 def _holder(conn, sizes: list[int], names: list[str], device: str) -> None:
     async def serve() -> None:
-        from transfer.ucx_backend import IDLE_POLL_S, SPIN_S, start_ucx, ucx_buffer
+        from transfer.ucx_backend import IDLE_POLL_S, SPIN_S, start_ucx
+        from transfer.ucx_buffers import ucx_buffer
 
         ucxx = start_ucx()
         store: dict = {}
@@ -169,7 +170,8 @@ async def _measure(conn, info: dict, sizes: list[int], names: list[str], reps: i
                    device: str) -> dict[int, dict[str, float]]:
     """Median seconds per size and method; the methods take turns within each
     repetition so that the machine's noise falls on all of them alike."""
-    from transfer.ucx_backend import start_ucx, ucx_buffer
+    from transfer.ucx_backend import start_ucx
+    from transfer.ucx_buffers import ucx_buffer
 
     ucxx = start_ucx()
     ucxx.continuous_ucx_progress()
@@ -260,8 +262,8 @@ def main() -> None:
 
     pool = {}
     if "ucx" in names:  # the ucx pulls' destinations: reused once the previous pull's tensor died
-        from transfer.ucx_backend import _recv_pool
-        pool = {"hits": _recv_pool.hits, "misses": _recv_pool.misses}
+        from transfer.ucx_buffers import recv_pool
+        pool = {"hits": recv_pool.hits, "misses": recv_pool.misses}
     methods = ["copy", "clone", "raw", *names]
     rows = []
     for n in sizes:

@@ -252,10 +252,10 @@ def test_holder_killed_mid_transfer(monkeypatch):
                                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
 ])
 def test_receive_pool_lends_a_buffer_only_once_its_tensor_died(device):
-    from transfer.ucx_backend import _RecvPool
+    from transfer.ucx_buffers import RecvPool
 
     dev = torch.device(device)
-    pool = _RecvPool(max_bytes=8 << 20)
+    pool = RecvPool(max_bytes=8 << 20)
     a = pool.take(3 << 20, dev)
     assert a.device.type == dev.type and a.dtype == torch.uint8 and a.numel() == 3 << 20
     a_view = a[10:20]

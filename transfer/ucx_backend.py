@@ -23,7 +23,7 @@ A pull, all messages tagged (64-bit tags, matched exactly):
 - the puller allocates each tensor on ``device`` and receives straight into it
   (as uint8 bytes: bf16 and fp8 have no numpy twin); CUDA tensors and host
   ones of 1 MiB or more come from a pool of buffers that UCX has seen before
-  (``_RecvPool``: warm pages, cuda_ipc registrations kept).
+  (``transfer.ucx_buffers``: warm pages, cuda_ipc registrations kept).
 
 Sends and receives are posted through ucxx's request API the moment they are
 known (``_post_send``/``_post_recv``), not by tasks that post on their first
@@ -56,15 +56,14 @@ import os
 import secrets
 import struct
 import sys
-import threading
-import weakref
 
 import msgpack
 import numpy as np
 import torch
 
 from transfer.base import KeyNotFound, TransferBackend, TransferError, TransferTimeout
-from transfer.wire import VERSION, byte_view, describe, dtype_from_name, from_buffer, nbytes, numel
+from transfer.ucx_buffers import fresh, inline_bytes, send_buffer, ucx_buffer
+from transfer.wire import VERSION, describe, dtype_from_name, from_buffer, nbytes, numel
 
 log = logging.getLogger(__name__)
 
@@ -177,113 +176,6 @@ def _split_address(address: str) -> tuple[int, bytes]:
         return _REQUEST_BIT | int(sid, 16), base64.urlsafe_b64decode(addr)
     except (ValueError, TypeError):
         raise TransferError(f"not a ucx address: {address!r}") from None
-
-
-class _CudaBytes:
-    """A contiguous CUDA tensor's bytes as ucxx takes device memory (``__cuda_array_interface__``).
-
-    Our own, not the tensor's: torch's refuses tensors that require grad and has
-    no typestr for bf16; a flat uint8 view needs neither.
-    """
-
-    def __init__(self, flat: torch.Tensor):
-        self.tensor = flat  # keeps the memory alive while UCX uses it
-        self.nbytes = flat.numel()
-        self.__cuda_array_interface__ = {"shape": (flat.numel(),), "typestr": "|u1", "strides": None,
-                                         "data": (flat.data_ptr(), False), "version": 3}
-
-
-def ucx_buffer(t: torch.Tensor):
-    """The bytes of a C-contiguous tensor as ucxx sends and receives them (host: numpy, no copy)."""
-    flat = byte_view(t)
-    return _CudaBytes(flat) if flat.is_cuda else flat.numpy()
-
-
-def _send_buffer(t: torch.Tensor):
-    """What ucxx sends for ``t``: its contiguous bytes (CUDA stays on the device)."""
-    return ucx_buffer(t.detach().resolve_conj().resolve_neg().contiguous())
-
-
-def _inline_bytes(buf) -> bytes:
-    """A send buffer's bytes for the reply header (a device copy for CUDA: ~10 us, not a message)."""
-    return buf.tensor.cpu().numpy().tobytes() if isinstance(buf, _CudaBytes) else buf.tobytes()
-
-
-def _fresh(dtype: torch.dtype, shape: list[int], dev: torch.device) -> torch.Tensor:
-    """An uninitialised tensor to receive into: CUDA ones and big host ones come from the pool."""
-    n = numel(shape) * dtype.itemsize
-    if n == 0 or (dev.type == "cpu" and n < _POOLED_BYTES):
-        return torch.empty(shape, dtype=dtype, device=dev)
-    return _recv_pool.take(n, dev).view(dtype).view(shape)
-
-
-class _CudaLease(_CudaBytes):
-    """A pooled CUDA buffer's first ``n`` bytes, as ``torch.as_tensor`` wraps device memory."""
-
-    def __init__(self, base: torch.Tensor, n: int):
-        super().__init__(base[:n])
-
-
-class _RecvPool:
-    """Receive buffers, per device, that come back when the caller's tensors die.
-
-    A pull must return fresh tensors, but fresh memory costs: on the host,
-    first-touch page faults (~2.8 GB/s here against ~10 GB/s for UCX); on a
-    GPU, a destination UCX has not seen yet (cuda_ipc registers each new
-    buffer). Buffers are rounded up to a size class (at most 1/8 larger) and
-    lent as a tensor over their first ``n`` bytes whose storage holds a lease
-    object (a numpy view on the host, a ``__cuda_array_interface__`` on a GPU);
-    a finalizer on the lease returns the buffer once the tensor and all its
-    views are gone, up to ``max_bytes`` kept free per device. Only then can
-    anything write to it again.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._free: dict[tuple[torch.device, int], list] = {}
-        self._free_bytes: dict[torch.device, int] = {}
-        self._lock = threading.Lock()  # the last reference may die on the engine thread
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def size_class(n: int) -> int:
-        step = max(1 << max(n.bit_length() - 4, 0), 4096)
-        return -(-n // step) * step
-
-    def take(self, n: int, dev: torch.device = torch.device("cpu")) -> torch.Tensor:
-        """A uint8 tensor of ``n`` bytes on ``dev``, uninitialised."""
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        size = self.size_class(n)
-        with self._lock:
-            free = self._free.get((dev, size))
-            base = free.pop() if free else None
-            if base is not None:
-                self._free_bytes[dev] -= size
-                self.hits += 1
-            else:
-                self.misses += 1
-        if dev.type == "cpu":
-            base = np.empty(size, dtype=np.uint8) if base is None else base
-            lease = base[:n]
-            out = torch.frombuffer(lease, dtype=torch.uint8)
-        else:
-            base = torch.empty(size, dtype=torch.uint8, device=dev) if base is None else base
-            lease = _CudaLease(base, n)
-            out = torch.as_tensor(lease, device=dev)  # its storage keeps the lease alive
-        weakref.finalize(lease, self._give_back, dev, base)
-        return out
-
-    def _give_back(self, dev: torch.device, base) -> None:
-        with self._lock:
-            kept = self._free_bytes.get(dev, 0)
-            if kept + base.nbytes <= self.max_bytes:
-                self._free.setdefault((dev, base.nbytes), []).append(base)
-                self._free_bytes[dev] = kept + base.nbytes
-
-
-_POOLED_BYTES = 1 << 20  # host buffers below this come from malloc, whose free lists are as good
-_recv_pool = _RecvPool(1 << 30)
 
 
 class _Peer:
@@ -451,14 +343,14 @@ class UcxBackend(TransferBackend):
             try:
                 if len(tensors) > _MAX_TENSORS:
                     raise TransferError(f"{len(tensors)} tensors are over {_MAX_TENSORS}")
-                buffers = [_send_buffer(t) for t in tensors]
+                buffers = [send_buffer(t) for t in tensors]
                 for d in {t.device for t in tensors if t.is_cuda}:
                     # UCX reads device memory outside torch's streams: let the writers finish.
                     torch.cuda.synchronize(d)
                 header = {"v": VERSION, "id": req.get("id"), "ok": True, "tensors": describe(tensors)}
                 if sum(b.nbytes for b in buffers) <= _INLINE_BYTES:
                     # Tiny payloads ride in the header: one message instead of one per tensor.
-                    header["inline"], buffers = [_inline_bytes(b) for b in buffers], []
+                    header["inline"], buffers = [inline_bytes(b) for b in buffers], []
             except Exception as e:  # noqa: BLE001 - the puller gets the reason instead of a timeout
                 log.exception("ucx pull of %r failed", key)
                 header = {"v": VERSION, "id": req.get("id"), "ok": False, "err": "error",
@@ -563,7 +455,7 @@ class UcxBackend(TransferBackend):
             except (TypeError, ValueError) as e:
                 raise TransferError(f"ucx peer for key {key!r}: bad reply ({e})") from None
             return tensors, [None] * len(tensors)
-        tensors = [_fresh(dt, s, dev) for dt, s in specs]
+        tensors = [fresh(dt, s, dev) for dt, s in specs]
         if dev.type == "cuda":
             torch.cuda.current_stream(dev).synchronize()  # the allocator may hand back busy memory
         buffers = [ucx_buffer(t) if t.numel() else None for t in tensors]
