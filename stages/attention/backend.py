@@ -15,8 +15,10 @@ decode step is ``q_len == 1`` and a prefill chunk is ``q_len > 1``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 
+import numpy as np
 import torch
 
 
@@ -36,20 +38,68 @@ class AttentionMetadata:
     block_tables: list[list[int]]
     num_decodes: int  # sequences [0, num_decodes) have q_len == 1
     block_size: int
-    # Derived once per step by the backend (gather indices, masks) and reused by every layer.
+    # Derived once per step by the backend (gather indices, masks, device buffers) and reused by
+    # every layer.
     cache: dict | None = None
+    # Host arrays of the flat layout (numpy): ``positions`` [T] of each new token in its
+    # sequence, ``seq_of_token`` [T]; filled by ``build_metadata``.
+    host: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         return int(self.slot_mapping.numel())
 
 
+def flat_layout(query_lens: np.ndarray, context_lens: np.ndarray, block_tables: list[list[int]],
+                block_size: int) -> dict:
+    """The flat batch's host arrays, vectorized (no loop over tokens or sequences).
+
+    Returns ``query_start`` [S+1], ``seq_of_token`` [T], ``positions`` [T] (each
+    new token's index in its sequence), ``block_table`` [S, W] int32 (zero-padded)
+    and ``slots`` [T] int64.
+    """
+    b = len(query_lens)
+    starts = np.zeros(b + 1, np.int64)
+    np.cumsum(query_lens, out=starts[1:])
+    t = int(starts[-1])
+    seq_of_token = np.repeat(np.arange(b), query_lens)
+    positions = np.arange(t) - starts[seq_of_token] + (context_lens - query_lens)[seq_of_token]
+    nblk = np.fromiter(map(len, block_tables), np.int64, b)
+    width = max(1, int(nblk.max()) if b else 1)
+    table = np.zeros((b, width), np.int32)
+    table[np.arange(width)[None, :] < nblk[:, None]] = np.fromiter(chain.from_iterable(block_tables),
+                                                                   np.int32, int(nblk.sum()))
+    slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    return {"query_start": starts, "seq_of_token": seq_of_token, "positions": positions,
+            "block_table": table, "slots": slots}
+
+
 class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and attends over it.
 
     Implementations must give the same numbers (up to float rounding) as
-    causal softmax attention over each sequence's full context.
+    causal softmax attention over each sequence's full context. The backend
+    owns the step's metadata (``build_metadata``): the runner hands it the
+    scheduler's lengths and block tables, never cache offsets.
     """
+
+    #: whether ``decode_graph`` can capture pure-decode steps in CUDA graphs
+    supports_cuda_graphs = False
+
+    def build_metadata(self, query_lens: list[int], context_lens: list[int],
+                       block_tables: list[list[int]], block_size: int,
+                       device: torch.device) -> AttentionMetadata:
+        """One step's metadata; sequences in batch order, decodes (``q_len == 1``) first."""
+        q = np.asarray(query_lens, np.int64)
+        c = np.asarray(context_lens, np.int64)
+        lay = flat_layout(q, c, block_tables, block_size)
+        nd = int(np.argmin(q == 1)) if (q != 1).any() else len(q)
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(lay["slots"]).to(device), query_start=lay["query_start"][:-1].tolist(),
+            query_lens=list(query_lens), context_lens=list(context_lens), block_tables=block_tables,
+            num_decodes=nd, block_size=block_size)
+        meta.host = lay
+        return meta
 
     @abstractmethod
     def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
@@ -67,8 +117,24 @@ class AttentionBackend(ABC):
         """
 
 
-def get_attention_backend(device: torch.device) -> AttentionBackend:
-    """The backend for ``device``; the plain torch one works on cpu, cuda and npu."""
+BACKENDS = ("auto", "torch", "triton")
+
+
+def get_attention_backend(device: torch.device, name: str = "auto",
+                          dtype: torch.dtype | None = None) -> AttentionBackend:
+    """The backend for ``device``: ``auto`` picks triton on CUDA, the plain torch one elsewhere.
+
+    ``torch`` (the reference) works on cpu, cuda and npu; ``triton`` on CUDA, and on the
+    CPU only under ``TRITON_INTERPRET=1`` (tests).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "triton" if torch.device(device).type == "cuda" else "torch"
+    if name == "triton":
+        from stages.attention.triton_paged import TritonPagedAttention
+
+        return TritonPagedAttention(torch.device(device), dtype)
     from stages.attention.torch_paged import TorchPagedAttention
 
     return TorchPagedAttention()

@@ -23,6 +23,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     encoder_cache_mb: int = 512
     max_images_per_prompt: int = 16
+    # auto: our Triton kernels on CUDA, the plain-torch reference elsewhere (torch | triton to force).
+    attention_backend: str = "auto"
+    # Capture pure-decode steps in CUDA graphs (per batch-size bucket, at start-up) where the
+    # backend supports it.
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -35,6 +40,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= block_size")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError("kv_cache_memory_gb must be > 0")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

@@ -8,10 +8,11 @@ the logits of the rows that sample.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from stages.attention.backend import AttentionMetadata
 from stages.engine.config import EngineConfig
+from stages.engine.decode_graphs import DecodeGraphs
 from stages.engine.scheduler import ScheduledSeq
 from stages.engine.sequence import ImageItem, Sequence
 from stages.models.loader import build_model
@@ -21,7 +22,9 @@ from transfer.content_cache import ContentCache
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype):
         self.config, self.device, self.dtype = config, device, dtype
-        self.model = build_model(config.model, device, dtype, config.load_format, hf_config)
+        self.model = build_model(config.model, device, dtype, config.load_format, hf_config,
+                                 attention_backend=config.attention_backend)
+        self.backend = self.model.attention_backend
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb)
         m = self.model
@@ -30,6 +33,12 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(m.num_layers)]
         self.encoder_cache = ContentCache(config.encoder_cache_mb << 20)
         self.num_images_encoded = 0
+        self.graphs = None
+        if config.cuda_graphs and device.type == "cuda" and self.backend.supports_cuda_graphs:
+            max_len = getattr(getattr(hf_config, "text_config", None) or hf_config, "max_position_embeddings", 0)
+            max_blocks = min(self.num_blocks, -(-(config.max_model_len or max_len or 1 << 20) // self.block_size))
+            self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, device, config.max_num_seqs,
+                                       max_blocks, self.block_size)
 
     def _blocks_for_budget(self, gb: float) -> int:
         m = self.model
@@ -71,8 +80,9 @@ class ModelRunner:
 
     # ---- KV in and out (disaggregated prefill/decode) --------------------------------------
     def _token_slots(self, seq: Sequence, n: int) -> torch.Tensor:
-        bs, table = self.block_size, seq.block_table
-        return torch.tensor([table[i // bs] * bs + i % bs for i in range(n)], device=self.device)
+        bs, pos = self.block_size, np.arange(n)
+        table = np.asarray(seq.block_table[:-(-n // bs)], np.int64)
+        return torch.from_numpy(table[pos // bs] * bs + pos % bs).to(self.device)
 
     def read_kv(self, seq: Sequence, n: int) -> torch.Tensor:
         """KV of ``seq``'s first ``n`` tokens: [layers, 2, n, kv_heads, head_dim] (a copy)."""
@@ -81,7 +91,8 @@ class ModelRunner:
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:
         """KV of whole blocks, in order, shaped like :meth:`read_kv`'s."""
         bs = self.block_size
-        return self._read_slots(torch.tensor([b * bs + i for b in blocks for i in range(bs)], device=self.device))
+        slots = (np.asarray(blocks, np.int64)[:, None] * bs + np.arange(bs)).reshape(-1)
+        return self._read_slots(torch.from_numpy(slots).to(self.device))
 
     def kv_shape(self, n: int) -> tuple[int, ...]:
         """The shape :meth:`read_kv` gives for ``n`` tokens (what an imported KV must have)."""
@@ -103,17 +114,26 @@ class ModelRunner:
             v.view(-1, *v.shape[2:]).index_copy_(0, slots, kv[layer, 1])
 
     # ---- one step ---------------------------------------------------------------------------
-    def _positions(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        if seq.mrope_positions is None:
-            return torch.arange(start, end)
-        n = seq.num_prompt_tokens
-        parts = []
-        if start < n:
-            parts.append(seq.mrope_positions[:, start:min(end, n)])
-        if end > n:
-            tail = torch.arange(max(start, n), end) + seq.mrope_delta
-            parts.append(tail.expand(3, -1))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    def _positions(self, batch: list[ScheduledSeq], meta) -> torch.Tensor:
+        """Rotary positions of the flat batch: [T], or [3, T] for M-RoPE models.
+
+        Vectorized from the backend's host layout; only M-RoPE prefill chunks that still cover
+        prompt tokens (whose image tokens have grid positions) copy their rows one sequence each.
+        """
+        pos = meta.host["positions"]
+        if not self.model.uses_mrope:
+            return torch.from_numpy(pos)
+        deltas = np.fromiter((s.seq.mrope_delta if s.seq.mrope_positions is not None else 0 for s in batch),
+                             np.int64, len(batch))
+        out = np.broadcast_to(pos + deltas[meta.host["seq_of_token"]], (3, len(pos))).copy()
+        out = torch.from_numpy(out)
+        for s, row0 in zip(batch, meta.query_start):
+            seq, start = s.seq, s.seq.num_computed_tokens
+            n = seq.num_prompt_tokens
+            if seq.mrope_positions is not None and start < n:
+                end = min(start + s.num_new_tokens, n)
+                out[:, row0:row0 + end - start] = seq.mrope_positions[:, start:end]
+        return out
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq],
@@ -123,39 +143,44 @@ class ModelRunner:
             self.write_kv(seq, seq.pending_kv)
             seq.pending_kv = None
         batch = sorted(batch, key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
-        bs = self.block_size
-        ids, slots, positions = [], [], []
-        q_start, q_lens, ctx_lens, tables, sample_rows, sample_seqs = [], [], [], [], [], []
+        # One pass over the sequences (no loop over tokens): ids, lengths, tables, sampling rows.
+        ids, q_lens, ctx_lens, tables, sample_rows, sample_seqs = [], [], [], [], [], []
         offset = 0
         for s in batch:
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids(start, start + n))
-            table = seq.block_table
-            slots.extend(table[i // bs] * bs + i % bs for i in range(start, start + n))
-            positions.append(self._positions(seq, start, start + n))
-            q_start.append(offset)
+            if n == 1:
+                ids.append(seq.token_id(start))
+            else:
+                ids.extend(seq.token_ids(start, start + n))
             q_lens.append(n)
             ctx_lens.append(start + n)
-            tables.append(table)
+            tables.append(seq.block_table)
             offset += n
             if s.samples:
                 sample_rows.append(offset - 1)
                 sample_seqs.append(seq)
         dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos = torch.cat(positions, dim=-1).to(dev)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), query_start=q_start,
-            query_lens=q_lens, context_lens=ctx_lens, block_tables=tables,
-            num_decodes=sum(1 for n in q_lens if n == 1), block_size=bs)
+        meta = self.backend.build_metadata(q_lens, ctx_lens, tables, self.block_size, dev)
+        pos = self._positions(batch, meta)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        if dev.type == "cuda":
+            input_ids, pos = input_ids.pin_memory(), pos.pin_memory()
+        input_ids = input_ids.to(dev, non_blocking=True)
+        pos = pos.to(dev, non_blocking=True)
         embeds = None
         if self.model.is_multimodal and any(s.seq.images for s in batch):
-            embeds = self._embed_with_images(batch, input_ids, q_start)
-        hidden = self.model(pos, meta, self.kv_caches, input_ids=input_ids, inputs_embeds=embeds)
+            embeds = self._embed_with_images(batch, input_ids, meta.query_start)
+        if (self.graphs is not None and embeds is None and len(sample_rows) == len(batch)
+                and meta.num_decodes == len(batch) and self.graphs.fits(len(batch), meta)):
+            hidden = self.graphs.run(input_ids, pos, meta)
+        else:
+            hidden = self.model(pos, meta, self.kv_caches, input_ids=input_ids, inputs_embeds=embeds)
         if not sample_rows:
             return torch.empty(0), []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(sample_rows, device=dev)]
+        logits = self.model.compute_logits(hidden)
         return logits.float(), sample_seqs
 
     def _embed_with_images(self, batch, input_ids, q_start) -> torch.Tensor:

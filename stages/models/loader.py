@@ -96,15 +96,16 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-                load_format: str = "auto", hf_config=None) -> EngineModel:
+                load_format: str = "auto", hf_config=None, attention_backend: str = "auto") -> EngineModel:
     """Instantiate our implementation of the directory's family and load its weights."""
     from stages.models.registry import model_class
 
     hf_config = hf_config or load_hf_config(model_dir)
     cls = model_class(hf_config.model_type)
-    backend = get_attention_backend(device)
+    backend = get_attention_backend(device, attention_backend, dtype)
     with torch.device(device), _default_dtype(dtype):
         model = cls(hf_config, backend)
+    model.attention_backend = backend
     if load_format == "dummy":
         model.load_weights(_dummy_weights(model))
     elif load_format in ("auto", "safetensors"):

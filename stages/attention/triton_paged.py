@@ -1,0 +1,108 @@
+"""The GPU backend: our Triton kernels over the paged cache (``triton_kernels.py``).
+
+Per step the host builds the flat layout with a few numpy ops and ships it in
+one int32 copy (pinned memory on CUDA): slot mapping, query offsets, context
+lengths, the prefill tile map and the block tables. Every layer reuses those
+device views. Pure-decode steps can run inside a CUDA graph: the graph reads
+its metadata from static buffers that ``load_decode_graph`` refills each step
+(padding rows get context 0 and slot -1, so they write nothing and read nothing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stages.attention import triton_kernels as K
+from stages.attention.backend import AttentionBackend, AttentionMetadata, flat_layout
+
+
+class TritonPagedAttention(AttentionBackend):
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None = None):
+        self.device = device
+        self.block_m = K.extend_tiles(dtype or torch.bfloat16)[0]
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 4)
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        self.block_m = K.extend_tiles(dtype)[0]
+
+    def build_metadata(self, query_lens, context_lens, block_tables, block_size, device) -> AttentionMetadata:
+        q = np.asarray(query_lens, np.int64)
+        c = np.asarray(context_lens, np.int64)
+        lay = flat_layout(q, c, block_tables, block_size)
+        s, t = len(q), int(lay["query_start"][-1])
+        nd = int(np.argmin(q == 1)) if (q != 1).any() else s
+        # Prefill query tiles: (sequence, tile index), longest sequences' tiles first.
+        tiles = -(-q[nd:] // self.block_m)
+        tile_seq = np.repeat(np.arange(nd, s), tiles)
+        tile_start = np.zeros(len(tiles) + 1, np.int64)
+        np.cumsum(tiles, out=tile_start[1:])
+        tile_m = np.arange(len(tile_seq)) - tile_start[tile_seq - nd]
+        table = lay["block_table"]
+        parts = [lay["slots"], lay["query_start"], c, tile_seq, tile_m, table.reshape(-1)]
+        sizes = [len(p) for p in parts]
+        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32))
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        dev = packed.to(device, non_blocking=True)
+        views = list(torch.split(dev, sizes))
+        meta = AttentionMetadata(
+            slot_mapping=views[0], query_start=lay["query_start"][:-1].tolist(), query_lens=list(query_lens),
+            context_lens=list(context_lens), block_tables=block_tables, num_decodes=nd, block_size=block_size)
+        meta.cache = {"q_start": views[1], "ctx": views[2], "tile_seq": views[3], "tile_m": views[4],
+                      "num_tiles": len(tile_seq), "table": views[5].view(s, table.shape[1]), "tokens": t}
+        meta.host = lay
+        return meta
+
+    def write_kv(self, k_cache, v_cache, k, v, meta):
+        K.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+
+    def attend(self, q, k_new, v_new, k_cache, v_cache, meta, scale):
+        c = meta.cache
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            splits = K.decode_splits(nd, k_cache.shape[2], self.num_sms)
+            K.decode_attention(q[:nd], k_cache, v_cache, c["table"], c["ctx"], scale, splits, out=out[:nd])
+        if c["num_tiles"]:
+            K.extend_attention(q, out, k_cache, v_cache, c["table"], c["q_start"], c["ctx"], c["tile_seq"],
+                               c["tile_m"], c["num_tiles"], scale)
+        return out
+
+    # ---- CUDA graphs (pure decode steps) ---------------------------------------------------
+    def decode_graph_buffers(self, max_batch: int, max_blocks: int, block_size: int,
+                             device: torch.device) -> "DecodeGraphBuffers":
+        return DecodeGraphBuffers(max_batch, max_blocks, block_size, device)
+
+
+class DecodeGraphBuffers:
+    """Static metadata for captured decode steps; ``view(b)`` is what a bucket of ``b`` captures."""
+
+    def __init__(self, max_batch: int, max_blocks: int, block_size: int, device: torch.device):
+        self.slots = torch.full((max_batch,), -1, dtype=torch.int32, device=device)
+        self.ctx = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        self.block_size = block_size
+
+    def view(self, b: int) -> AttentionMetadata:
+        meta = AttentionMetadata(slot_mapping=self.slots[:b], query_start=list(range(b)), query_lens=[1] * b,
+                                 context_lens=[1] * b, block_tables=[], num_decodes=b,
+                                 block_size=self.block_size)
+        meta.cache = {"ctx": self.ctx[:b], "table": self.table, "num_tiles": 0}
+        return meta
+
+    def load(self, step: AttentionMetadata, bucket: int) -> None:
+        """Copy a decode step's metadata (from ``build_metadata``) in; rows past it become padding."""
+        b = step.num_decodes
+        w = step.cache["table"].shape[1]
+        if w > self.table.shape[1]:
+            raise ValueError(f"a sequence holds {w} blocks; the graphs were captured for {self.table.shape[1]}")
+        self.slots[:b].copy_(step.slot_mapping)
+        self.ctx[:b].copy_(step.cache["ctx"])
+        self.table[:b, :w].copy_(step.cache["table"])
+        if bucket > b:
+            self.slots[b:bucket].fill_(-1)
+            self.ctx[b:bucket].fill_(0)
