@@ -83,8 +83,11 @@ class AttentionBackend(ABC):
     scheduler's lengths and block tables, never cache offsets.
     """
 
-    #: whether ``decode_graph`` can capture pure-decode steps in CUDA graphs
+    #: whether pure-decode steps may be captured in CUDA graphs (``decode_graph_buffers``)
     supports_cuda_graphs = False
+    #: whether the model should use fused projections and Triton kernels for its small ops
+    #: (norms, rotary, silu-mul); read when the model is built
+    fused_ops = False
 
     def build_metadata(self, query_lens: list[int], context_lens: list[int],
                        block_tables: list[list[int]], block_size: int,

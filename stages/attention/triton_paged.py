@@ -23,11 +23,10 @@ class TritonPagedAttention(AttentionBackend):
     def __init__(self, device: torch.device, dtype: torch.dtype | None = None):
         self.device = device
         self.block_m = K.extend_tiles(dtype or torch.bfloat16)[0]
+        # fp32 keeps transformers' exact op sequence outside attention (greedy equality tests).
+        self.fused_ops = dtype in (torch.bfloat16, torch.float16)
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
-
-    def set_dtype(self, dtype: torch.dtype) -> None:
-        self.block_m = K.extend_tiles(dtype)[0]
 
     def build_metadata(self, query_lens, context_lens, block_tables, block_size, device) -> AttentionMetadata:
         q = np.asarray(query_lens, np.int64)

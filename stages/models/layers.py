@@ -25,16 +25,46 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-class GatedMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears over the same input, their outputs side by side.
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+    Each linear's parameters become views into the fused tensors, so checkpoints still load
+    by the original names and no weight is held twice.
+    """
+    first = linears[0]
+    rows = sum(lin.out_features for lin in linears)
+    w = torch.empty(rows, first.in_features, dtype=first.weight.dtype, device=first.weight.device)
+    b = None if first.bias is None else torch.empty(rows, dtype=first.bias.dtype, device=first.bias.device)
+    off = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(w[off:off + n], requires_grad=False)
+        if b is not None:
+            lin.bias = nn.Parameter(b[off:off + n], requires_grad=False)
+        off += n
+    return w, b
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+
+    ``fused``: gate and up share one matmul and a fused silu-mul kernel (GPU fast path).
+    """
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, fused: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.fused = fused
+        if fused:
+            self.gate_up_weight, self.gate_up_bias = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from stages.models.triton_ops import silu_mul
+
+            return self.down_proj(silu_mul(nn.functional.linear(x, self.gate_up_weight, self.gate_up_bias)))
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

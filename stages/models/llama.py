@@ -15,7 +15,7 @@ from torch import nn
 
 from stages.attention.backend import AttentionBackend, AttentionMetadata
 from stages.models.base import EngineModel, copy_named_weights
-from stages.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from stages.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, fuse_linears
 
 
 class DecoderSpec:
@@ -55,8 +55,35 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, spec.eps)
             self.k_norm = RMSNorm(d, spec.eps)
         self.scale = d ** -0.5
+        self.fused = backend.fused_ops
+        if self.fused:
+            self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def _forward_fused(self, x, cos, sin, meta, kv_cache):
+        """One qkv matmul, rotary in place on its output (one kernel for q and k)."""
+        from stages.models.triton_ops import rope_
+
+        s, t, d = self.spec, x.shape[0], self.spec.head_dim
+        qkv = nn.functional.linear(x, self.qkv_weight, self.qkv_bias)
+        nq, nk = s.heads * d, s.kv_heads * d
+        v = qkv[:, nq + nk:].view(t, s.kv_heads, d)
+        if s.qk_norm:
+            q = self.q_norm(qkv[:, :nq].view(t, s.heads, d))
+            k = self.k_norm(qkv[:, nq:nq + nk].view(t, s.kv_heads, d))
+            rope_(q, cos, sin)
+            rope_(k, cos, sin)
+        else:
+            rope_(qkv[:, :nq + nk].view(t, s.heads + s.kv_heads, d), cos, sin)
+            q = qkv[:, :nq].view(t, s.heads, d)
+            k = qkv[:, nq:nq + nk].view(t, s.kv_heads, d)
+        k_cache, v_cache = kv_cache
+        self.backend.write_kv(k_cache, v_cache, k, v, meta)
+        o = self.backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, s.heads * d))
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache):
+        if self.fused:
+            return self._forward_fused(x, cos, sin, meta, kv_cache)
         s, t = self.spec, x.shape[0]
         q = self.q_proj(x).view(t, s.heads, s.head_dim)
         k = self.k_proj(x).view(t, s.kv_heads, s.head_dim)
@@ -74,13 +101,30 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: DecoderSpec, backend: AttentionBackend):
         super().__init__()
         self.self_attn = Attention(spec, backend)
-        self.mlp = GatedMLP(spec.hidden, spec.intermediate, spec.mlp_bias)
+        self.mlp = GatedMLP(spec.hidden, spec.intermediate, spec.mlp_bias, fused=backend.fused_ops)
         self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden, spec.eps)
 
     def forward(self, x, cos, sin, meta, kv_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, residual, delta, cos, sin, meta, kv_cache):
+        """The same layer on the fast path, the residual add fused into the next norm.
+
+        Takes and returns (residual, delta) with the layer's input = residual + delta
+        (``delta`` None: the input is ``residual`` itself).
+        """
+        from stages.models.triton_ops import rmsnorm
+
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if delta is None:
+            h = rmsnorm(residual, norm1.weight, norm1.eps)
+        else:
+            residual, h = rmsnorm(residual, norm1.weight, norm1.eps, delta)
+        a = self.self_attn(h, cos, sin, meta, kv_cache)
+        residual, h = rmsnorm(residual, norm2.weight, norm2.eps, a)
+        return residual, self.mlp(h)
 
 
 class DecoderBody(nn.Module):
@@ -92,9 +136,17 @@ class DecoderBody(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, backend) for _ in range(spec.layers))
         self.norm = RMSNorm(spec.hidden, spec.eps)
         self.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.mrope_section)
+        self.fused = backend.fused_ops
 
     def forward(self, x, positions, meta, kv_caches):
         cos, sin = self.rotary(positions, x.dtype)
+        if self.fused:
+            from stages.models.triton_ops import rmsnorm
+
+            residual, delta = x, None
+            for layer, kv in zip(self.layers, kv_caches):
+                residual, delta = layer.forward_fused(residual, delta, cos, sin, meta, kv)
+            return rmsnorm(residual, self.norm.weight, self.norm.eps, delta)[1]
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, meta, kv)
         return self.norm(x)

@@ -1,0 +1,242 @@
+"""The engine's GPU fast path against its floor and transformers, one run, one GPU.
+
+Every figure sits beside its reference, measured in the same process:
+
+- the decode floor: bytes of the weights a decode step reads (every language-model weight
+  but the embedding table, which is only looked up) over the measured device copy rate;
+- decode step time at batch 1/8/32/128/256 with 512- and 4,096-token contexts (tokens/s),
+  for each attention backend asked (``triton``: our kernels + CUDA graphs; ``torch``: the
+  old path, plain-torch attention, eager);
+- prefill tokens/s at 1 x 4,096 and 8 x 2,048 tokens vs transformers' plain forward on the
+  same shapes and dtype; peak GPU memory per backend.
+
+Decode contexts are not prefilled: each sequence gets its blocks and counts its prompt as
+computed (the KV holds whatever the pool held), so a 256 x 4,096 point costs no prefill.
+The step is ``LLMEngine.step`` (scheduler, runner, sampler, detokenizer) with the runner's
+share timed apart.
+
+    epd-make-model --family qwen2_5_vl --size 7b --config-only --out /tmp/q7b
+    python perf/bench_gpu.py --model /tmp/q7b --out perf/results/bench_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from stages.engine.config import EngineConfig
+from stages.engine.llm_engine import LLMEngine
+from stages.engine.sampling_params import SamplingParams
+from stages.engine.sequence import SeqStatus
+
+
+def copy_rate_gbs(device, nbytes: int = 2 << 30, iters: int = 10) -> float:
+    """Device-to-device copy rate, bytes read + written per second (GB/s)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    rate = 2 * nbytes * iters / (start.elapsed_time(end) / 1e3) / 1e9
+    del a, b
+    return rate
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of the language model's weights that one decode step reads (embedding table excluded)."""
+    lm = getattr(model, "language_model", model)
+    embed = lm.model.embed_tokens.weight
+    seen, total = set(), 0
+    for p in lm.parameters():
+        if p is embed and not lm.spec.tie:
+            continue
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def make_engine(args, backend: str) -> LLMEngine:
+    cfg = EngineConfig(model=args.model, device="cuda", dtype=args.dtype, load_format="dummy",
+                       kv_cache_memory_gb=args.kv_gb, max_num_seqs=max(args.batches),
+                       max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=False,
+                       attention_backend=backend, cuda_graphs=backend != "torch" and not args.no_graphs)
+    return LLMEngine(cfg)
+
+
+def _runner_timer(engine: LLMEngine) -> list[float]:
+    """Wrap ``runner.execute`` to record its time (synchronized) per call."""
+    times: list[float] = []
+    execute = engine.runner.execute
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        out = execute(*a, **kw)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        return out
+
+    engine.runner.execute = timed
+    return times
+
+
+def seed_decodes(engine: LLMEngine, batch: int, ctx: int, gen: torch.Generator, tag: str) -> list[str]:
+    """``batch`` running sequences whose first ``ctx`` tokens count as computed (no prefill)."""
+    vocab = engine.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
+    ids = []
+    for i in range(batch):
+        rid = f"{tag}-{i}"
+        prompt = torch.randint(10, vocab - 300, (ctx,), generator=gen).tolist()
+        req = engine.prepare_request(rid, prompt, params)
+        seq = req.seq
+        if not engine.blocks.allocate(seq, ctx - 1):
+            raise RuntimeError(f"KV pool too small for {batch} x {ctx} tokens")
+        seq.num_computed_tokens = ctx - 1  # the last prompt token is the first decode
+        seq.status = SeqStatus.RUNNING
+        engine.scheduler.running.append(seq)
+        engine.requests[rid] = req
+        ids.append(rid)
+    return ids
+
+
+def bench_decode(engine: LLMEngine, batch: int, ctx: int, steps: int, runner_times: list[float]) -> dict:
+    rids = seed_decodes(engine, batch, ctx, torch.Generator().manual_seed(batch * 7 + ctx), f"d{batch}x{ctx}")
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    runner_times.clear()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    step = (time.perf_counter() - t) / steps
+    runner = sum(runner_times) / len(runner_times)
+    for rid in rids:
+        engine.abort_request(rid)
+    return {"batch": batch, "context": ctx, "step_ms": step * 1e3, "runner_ms": runner * 1e3,
+            "tok_s": batch / step}
+
+
+def bench_prefill(engine: LLMEngine, n: int, length: int, reps: int = 3) -> dict:
+    gen = torch.Generator().manual_seed(n * 31 + length)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    times = []
+    for rep in range(reps + 1):
+        for i in range(n):
+            engine.add_request(f"p{n}x{length}-{rep}-{i}",
+                               torch.randint(10, engine.vocab_size - 300, (length,), generator=gen).tolist(), params)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        torch.cuda.synchronize()
+        if rep:  # the first is a warm-up
+            times.append(time.perf_counter() - t)
+    best = min(times)
+    return {"prompts": n, "length": length, "seconds": best, "tok_s": n * length / best}
+
+
+def bench_transformers_prefill(model_dir: str, dtype: torch.dtype, shapes, reps: int = 3) -> list[dict]:
+    """transformers' plain forward (sdpa attention, no cache) on random weights of the same shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cls = AutoModelForImageTextToText if cfg.model_type in ("llava", "qwen2_5_vl") else AutoModelForCausalLM
+    with torch.device("cuda"):
+        model = cls.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    vocab = getattr(cfg, "text_config", cfg).vocab_size
+    out = []
+    with torch.inference_mode():
+        for n, length in shapes:
+            ids = torch.randint(10, vocab - 300, (n, length), device="cuda")
+            times = []
+            for rep in range(reps + 1):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+                if rep:
+                    times.append(time.perf_counter() - t)
+            best = min(times)
+            out.append({"prompts": n, "length": length, "seconds": best, "tok_s": n * length / best})
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a model directory (e.g. make_model --size 7b --config-only)")
+    p.add_argument("--backends", default="triton,torch", help="attention backends, comma-separated")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batches", default="1,8,32,128,256")
+    p.add_argument("--contexts", default="512,4096")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--torch-steps", type=int, default=3, help="decode steps timed on the (slow) torch path")
+    p.add_argument("--kv-gb", type=float, default=64.0)
+    p.add_argument("--max-batched-tokens", type=int, default=16384)
+    p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--out", default=None, help="write the figures here as JSON")
+    args = p.parse_args()
+    args.batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    dtype = getattr(torch, args.dtype)
+    result: dict = {"model": args.model, "dtype": args.dtype, "device": torch.cuda.get_device_name()}
+    result["copy_gb_s"] = copy_rate_gbs("cuda")
+    print(f"device copy: {result['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
+    prefill_shapes = [(1, 4096), (8, 2048)]
+    if not args.no_transformers:
+        result["transformers_prefill"] = bench_transformers_prefill(args.model, dtype, prefill_shapes)
+        for r in result["transformers_prefill"]:
+            print(f"transformers forward {r['prompts']} x {r['length']}: {r['tok_s']:,.0f} tok/s", flush=True)
+    for backend in args.backends.split(","):
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        engine = make_engine(args, backend)
+        entry: dict = {"start_s": time.perf_counter() - t}
+        wbytes = decode_weight_bytes(engine.runner.model)
+        floor_ms = wbytes / (result["copy_gb_s"] * 1e9 / 2) * 1e3  # weights are read once: half a copy
+        result["decode_weight_gb"], result["floor_ms"] = wbytes / 1e9, floor_ms
+        print(f"[{backend}] engine up in {entry['start_s']:.1f} s; decode reads {wbytes / 1e9:.2f} GB of "
+              f"weights: floor {floor_ms:.2f} ms/step", flush=True)
+        runner_times = _runner_timer(engine)
+        entry["prefill"] = []
+        for n, length in prefill_shapes:
+            r = bench_prefill(engine, n, length)
+            entry["prefill"].append(r)
+            print(f"[{backend}] prefill {n} x {length}: {r['tok_s']:,.0f} tok/s", flush=True)
+        entry["decode"] = []
+        steps = args.torch_steps if backend == "torch" else args.steps
+        for ctx in contexts:
+            for b in args.batches:
+                r = bench_decode(engine, b, ctx, steps, runner_times)
+                r["x_floor"] = r["step_ms"] / floor_ms
+                entry["decode"].append(r)
+                print(f"[{backend}] decode batch {b:3d} ctx {ctx}: step {r['step_ms']:7.2f} ms "
+                      f"(runner {r['runner_ms']:7.2f}) = {r['x_floor']:5.2f}x floor, {r['tok_s']:9,.0f} tok/s",
+                      flush=True)
+        entry["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        result[backend] = entry
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
