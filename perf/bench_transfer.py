@@ -4,18 +4,18 @@ A holder process publishes one float32 tensor per size; this process pulls
 each one ``--reps`` times per backend (after a warm-up round) and reports the
 median. Beside them, taking turns with the pulls:
 
-- raw ucxx: the least a UCX pull can cost. The same UCX settings as the ucx
-  backend (endpoints from worker addresses, error handling off, blocking
-  progress): a 16-byte request, then the payload sent from the holder's
-  tensor into a buffer this process allocated once (warm pages);
+- raw ucxx: the least a UCX pull can cost. The same UCX settings and
+  progress as the ucx backend (endpoints from worker addresses, error handling
+  off, ``transfer.ucx_progress``): a 16-byte request, then the payload sent
+  from the holder's tensor into a buffer this process allocated once (warm pages);
 - ``copy_`` into a preallocated tensor (the memcpy ceiling) and ``clone``
   (allocate + copy: a pull returns a fresh tensor, so it pays the allocation too).
 
 The 4 KiB row is the fixed cost of one pull (latency). The ucx pulls'
 tensors die before the next pull, so their buffers come back to the backend's
-receive pool (hits and misses go to the JSON). Pulls run back to back,
-so the holder's ucx server is in its busy window (``SPIN_S``); a pull to an
-idle holder waits up to ``IDLE_POLL_S`` more for its request to be seen. ``--device cuda`` puts
+receive pool (hits and misses go to the JSON). Every holder sleeps between
+requests (the ucx one in epoll), so each pull pays its holder's wake-up, as
+pulls in a deployment do. ``--device cuda`` puts
 the payloads on the GPU in both processes (a KV transfer between two
 processes on one GPU) and the copies become device-to-device.
 
@@ -83,8 +83,11 @@ async def _endpoint(ucxx, worker_address: bytes):
 
 def _holder(conn, sizes: list[int], names: list[str], device: str) -> None:
     async def serve() -> None:
-        from transfer.ucx_backend import IDLE_POLL_S, SPIN_S, start_ucx
+        from transfer.ucx_backend import _post_send, _wait_all, start_ucx
         from transfer.ucx_buffers import ucx_buffer
+        from transfer.ucx_progress import progress
+        from ucxx._lib.arr import Array
+        from ucxx.types import Tag, TagMaskFull
 
         ucxx = start_ucx()
         store: dict = {}
@@ -101,24 +104,18 @@ def _holder(conn, sizes: list[int], names: list[str], device: str) -> None:
         ep = await _endpoint(ucxx, conn.recv())  # the puller's worker address
         raw = {n: ucx_buffer(t) for n, t in payloads.items()}
         request = np.empty(2, dtype=np.uint64)
-        # Waiting on a posted receive spins the event loop in ucxx's blocking mode (and so
-        # would slow the ucx backend's answers in this process): poll for requests instead,
-        # back to back for a while after one, as the backend's own server does.
-        me = await _endpoint(ucxx, ucxx.get_worker_address().tobytes())
-        loop = asyncio.get_running_loop()
-        last = loop.time()
+        # As the backend's server: probe for requests each time the worker was progressed.
+        drv = progress(ucxx)
         while True:  # raw ucxx: (size, reply tag) in, the payload out; size 0 stops
-            ucxx.progress()
-            probe = me.tag_probe(RAW_REQUEST_TAG, force_tag=True, remove=True)
+            probe = drv.worker.tag_probe(Tag(RAW_REQUEST_TAG), TagMaskFull, True)
             if not probe.matched:
-                await asyncio.sleep(0 if loop.time() - last < SPIN_S else IDLE_POLL_S)
+                await drv.event()
                 continue
-            last = loop.time()
-            await me.recv_with_handle(request, probe)
+            await _wait_all([drv.worker.tag_recv_with_handle(Array(request), probe)])
             size, tag = int(request[0]), int(request[1])
             if size == 0:
                 break
-            await ep.send(raw[size], tag=tag, force_tag=True)
+            await _wait_all([_post_send(ep, raw[size], tag)], cuda=device.startswith("cuda"))
         for b in backends:
             await b.close()
         conn.send("stopped")
@@ -155,15 +152,19 @@ class _Raw:
         self.tags = iter(range(RAW_REPLY_TAGS, RAW_REPLY_TAGS + (1 << 40)))
 
     async def fetch(self, size: int, buf) -> float:
+        from transfer.ucx_backend import _post_recv, _post_send, _wait_all
+
         tag = next(self.tags)
         t0 = time.perf_counter()
-        recv = asyncio.ensure_future(self.ep.recv(buf, tag=tag, force_tag=True))
-        await self.ep.send(np.array([size, tag], dtype=np.uint64), tag=RAW_REQUEST_TAG, force_tag=True)
-        await recv
+        request = np.array([size, tag], dtype=np.uint64)
+        await _wait_all([_post_recv(self.ep, buf, tag), _post_send(self.ep, request, RAW_REQUEST_TAG)],
+                        cuda=not isinstance(buf, np.ndarray))
         return time.perf_counter() - t0
 
     async def stop(self) -> None:
-        await self.ep.send(np.zeros(2, dtype=np.uint64), tag=RAW_REQUEST_TAG, force_tag=True)
+        from transfer.ucx_backend import _post_send, _wait_all
+
+        await _wait_all([_post_send(self.ep, np.zeros(2, dtype=np.uint64), RAW_REQUEST_TAG)])
 
 
 async def _measure(conn, info: dict, sizes: list[int], names: list[str], reps: int,
@@ -174,7 +175,6 @@ async def _measure(conn, info: dict, sizes: list[int], names: list[str], reps: i
     from transfer.ucx_buffers import ucx_buffer
 
     ucxx = start_ucx()
-    ucxx.continuous_ucx_progress()
     conn.send(ucxx.get_worker_address().tobytes())
     raw = _Raw(ucxx, await _endpoint(ucxx, info["raw"]))
     backends = _make_backends(names)

@@ -1,7 +1,8 @@
 """UCX backend: tensor bytes move by UCX tag messages between persistent endpoints.
 
-Every process runs one UCX worker (ucxx's asyncio context, progress mode
-``blocking`` unless ``UCXPY_PROGRESS_MODE`` says otherwise). A backend's
+Every process runs one UCX worker (ucxx's asyncio context, started in
+``blocking`` mode), progressed by ``transfer.ucx_progress``: polled while a
+transfer moves, asleep in epoll when idle (ucxx's own modes spin). A backend's
 address is ``ucx://<service id>/<worker address>`` (the worker address
 base64url): endpoints are made straight from it, with endpoint error handling
 off. Both choices are what made ucxx fast here (9.8 GB/s between two
@@ -27,7 +28,9 @@ A pull, all messages tagged (64-bit tags, matched exactly):
 
 Sends and receives are posted through ucxx's request API the moment they are
 known (``_post_send``/``_post_recv``), not by tasks that post on their first
-turn of the event loop, and awaited together.
+turn of the event loop, and awaited together. The holder never keeps a receive
+posted for the next request: it probes for the request tag whenever the worker
+was progressed (``_serve``), so an idle backend costs nothing.
 
 Endpoints belong to the process (as its UCX worker does) and live as long as
 it, shared by its backends: UCX pairs the endpoints of two workers, and
@@ -63,6 +66,7 @@ import torch
 
 from transfer.base import KeyNotFound, TransferBackend, TransferError, TransferTimeout
 from transfer.ucx_buffers import fresh, inline_bytes, send_buffer, ucx_buffer
+from transfer.ucx_progress import POLL_CUDA_S, Progress, progress
 from transfer.wire import VERSION, describe, dtype_from_name, from_buffer, nbytes, numel
 
 log = logging.getLogger(__name__)
@@ -75,9 +79,6 @@ _FRAME_BITS = 16  # tag = pull tag base | (1 + tensor index)
 _MAX_TENSORS = (1 << _FRAME_BITS) - 2
 _GRACE_S = 2.0  # a holder sends for the puller's timeout plus this, then gives up
 _INLINE_BYTES = 8 << 10  # payloads up to this ride in the reply header
-# The server polls for requests (see _serve): busy for this long after one, then backing off.
-SPIN_S = 0.01
-IDLE_POLL_S = 0.002
 # Tag bases of this process's pulls: never reused, so a late reply matches nothing.
 _pull_tags = itertools.count(1)
 _epochs = itertools.count(1)  # numbers this process's endpoints (see _reply_peer)
@@ -88,7 +89,7 @@ class UcxUnavailable(TransferError):
 
 
 def start_ucx():
-    """The ucxx module with this process's UCX context started (blocking progress by default)."""
+    """The ucxx module with this process's UCX context started (blocking mode: see ucx_progress)."""
     # ucxx sets UCX_MEMTYPE_CACHE for old UCX releases; current ones warn about it at every start.
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     try:
@@ -96,45 +97,52 @@ def start_ucx():
     except ImportError as e:
         raise UcxUnavailable(f"the ucx transfer backend needs ucxx: {INSTALL_HINT} ({e})") from None
     try:
-        ucxx.init(progress_mode=os.environ.get("UCXPY_PROGRESS_MODE", "blocking"))
+        ucxx.init(progress_mode="blocking")
     except RuntimeError as e:
         if "already initiated" not in str(e):
             raise UcxUnavailable(f"UCX did not start: {e}; {INSTALL_HINT}") from None
     except Exception as e:  # noqa: BLE001 - UCXError and friends: no usable transport
         raise UcxUnavailable(f"UCX did not start: {type(e).__name__}: {e}; {INSTALL_HINT}") from None
-    global _Array, _Tag, _TagMaskFull
+    global _ucxx, _Array, _Tag, _TagMaskFull
     from ucxx._lib.arr import Array
     from ucxx.types import Tag, TagMaskFull
 
-    _Array, _Tag, _TagMaskFull = Array, Tag, TagMaskFull
+    _ucxx, _Array, _Tag, _TagMaskFull = ucxx, Array, Tag, TagMaskFull
     return ucxx
 
 
 _available: bool | None = None
 # ucxx's request-level API (set by start_ucx): posting a send or a receive at once, where
 # ``Endpoint.send``/``recv`` post only once their coroutine first runs, wrapped in a task.
-_Array = _Tag = _TagMaskFull = None
+_ucxx = _Array = _Tag = _TagMaskFull = None
+
+
+def _progress() -> Progress:
+    return progress(_ucxx)
 
 
 def _post_send(ep, buf, tag: int):
     if ep._ep is None:
         raise TransferError("the UCX endpoint was aborted (peer forgotten)")
-    return ep._ep.tag_send(_Array(buf), _Tag(tag))
+    req = ep._ep.tag_send(_Array(buf), _Tag(tag))
+    _progress().kick()
+    return req
 
 
 def _post_recv(ep, buf, tag: int):
     if ep._ep is None:
         raise TransferError("the UCX endpoint was aborted (peer forgotten)")
-    return ep._ep.tag_recv(_Array(buf), _Tag(tag), _TagMaskFull)
+    req = ep._ep.tag_recv(_Array(buf), _Tag(tag), _TagMaskFull)
+    _progress().kick()
+    return req
 
 
-async def _wait_all(requests: list) -> None:
-    """Until every posted request is done (all are in flight at once); raises the first failure."""
-    for r in requests:
-        if r.completed:
-            r.check_error()
-        else:
-            await r.wait()
+async def _wait_all(requests: list, cuda: bool = False) -> None:
+    """Until every posted request is done (all are in flight at once); raises the first failure.
+
+    ``cuda``: some move device memory, whose copies complete without a UCX event: poll.
+    """
+    await _progress().wait(requests, POLL_CUDA_S if cuda else 0.0)
 
 
 def ucx_available() -> bool:
@@ -215,6 +223,7 @@ async def _connect(ucx, worker_address: bytes) -> _Peer:
     except Exception as e:  # noqa: BLE001 - a bad or unreachable address
         # On one host UCX maps the peer's shared memory at once: a dead peer fails here, fast.
         raise TransferError(f"no UCX endpoint to the peer (dead?): {type(e).__name__}: {e}") from None
+    _progress().kick()  # the endpoint's wire-up messages
     peer = _peers[worker_address] = _Peer(ep)
     return peer
 
@@ -252,6 +261,10 @@ def _abort(worker_address: bytes, peer: _Peer) -> None:
     except Exception as e:  # noqa: BLE001
         log.debug("aborting an endpoint: %s", e)
     peer.keep.clear()
+    try:
+        _progress().kick()  # the cancellations complete in a progress
+    except RuntimeError:  # no running loop (interpreter exit)
+        pass
 
 
 def _start_now(coro, loop) -> asyncio.Task:
@@ -279,7 +292,7 @@ class UcxBackend(TransferBackend):
         self._closed = False
 
     async def start(self) -> None:
-        self._ucx.continuous_ucx_progress()  # progress on this event loop
+        progress(self._ucx)  # this event loop progresses the worker from now on
         self._server = asyncio.create_task(self._serve())
 
     @property
@@ -292,26 +305,21 @@ class UcxBackend(TransferBackend):
     # -- holder side --------------------------------------------------------
 
     async def _serve(self) -> None:
-        """Answer requests as they come, polling: never wait on a posted receive.
+        """Answer requests as they come: probe for the request tag each time the worker was progressed.
 
-        ucxx in blocking progress mode waits for a request by yielding to the
-        event loop over and over (``wait_yield``): a receive posted for the next
-        request would keep a core busy forever. So the server progresses the
-        worker and probes for its tag itself: back to back while requests come,
-        then every ``IDLE_POLL_S`` (an idle backend costs ~3% of a core here).
+        A receive posted for the next request would be awaited by polling (see
+        ``ucx_progress``); a probe after every progress sees each request as
+        soon as its message is in, and between requests the loop sleeps.
         """
-        tag = _REQUEST_BIT | self._sid
-        me = await _peer(self._ucx, self._worker_address)  # any endpoint can probe the worker
-        worker = me.ep._ctx.worker
+        tag = _Tag(_REQUEST_BIT | self._sid)
+        drv = progress(self._ucx)
+        worker = drv.worker
         loop = asyncio.get_running_loop()
-        last = loop.time()
         while True:
-            self._ucx.progress()
-            probe = me.ep.tag_probe(tag, force_tag=True, remove=True)
+            probe = worker.tag_probe(tag, _TagMaskFull, True)
             if not probe.matched:
-                await asyncio.sleep(0 if loop.time() - last < SPIN_S else IDLE_POLL_S)
+                await drv.event()
                 continue
-            last = loop.time()
             buf = np.empty(max(probe.length, 4), dtype=np.uint8)
             try:
                 await _wait_all([worker.tag_recv_with_handle(_Array(buf), probe)])
@@ -368,7 +376,8 @@ class UcxBackend(TransferBackend):
                 # in, and a payload that comes first waits in UCX's unexpected queue (a
                 # rendezvous one as a few bytes).
                 buffers.insert(0, _frame(header))  # alive until sent, as every buffer posted
-                await _wait_all([_post_send(peer.ep, b, tag + i) for i, b in enumerate(buffers) if b.nbytes])
+                await _wait_all([_post_send(peer.ep, b, tag + i) for i, b in enumerate(buffers) if b.nbytes],
+                                cuda=any(t.is_cuda for t in tensors or ()))
         except BaseException as e:
             peer.condemned = True  # its sends may still read our buffers: abort before they go
             peer.keep.extend(buffers)
@@ -408,7 +417,7 @@ class UcxBackend(TransferBackend):
                 await _wait_all(posted)
                 tensors, buffers = self._allocate(_unframe(hbuf), peer_address, key, dev)
                 posted += [_post_recv(peer.ep, b, tag + 1 + i) for i, b in enumerate(buffers) if b is not None]
-                await _wait_all(posted[2:])
+                await _wait_all(posted[2:], cuda=dev.type == "cuda")
         except TimeoutError:
             raise TransferTimeout(
                 f"no answer from ucx peer {peer_address[:48]}... for key {key!r} within {timeout:g}s"
