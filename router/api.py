@@ -8,7 +8,6 @@ This module must stay light: no torch, no transformers, nothing from `stages/`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from router.backend import ApiDelta, ApiError, ApiRequest, Backend
 from router.images import ImageResolver
+from router.json_body import parse_body
 from router.limits import ApiLimits
 from router.metrics import ApiMetrics, RequestTracker
 from router.openai_protocol import (SSE_DONE, ParsedRequest, ResponseBuilder, dumps,
@@ -137,15 +137,8 @@ class _Api:
         return _error_response(err)
 
     async def _body(self, request: web.Request) -> dict:
-        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"invalid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the request body must be a JSON object, "
-                                f"got {type(body).__name__}")
-        return body
+        # read() raises HTTPRequestEntityTooLarge past client_max_size
+        return parse_body(await request.read())
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         start, arrival = time.perf_counter(), time.time()

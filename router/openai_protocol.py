@@ -15,6 +15,7 @@ from typing import Any
 from bus.sampling_params import MAX_LOGPROBS, SamplingParams
 from router.backend import ApiDelta, ApiError, ApiRequest
 from router.images import ImageResolver
+from router.json_body import check_json_tree
 from router.limits import ApiLimits
 
 # Passed to SamplingParams as given (null means "default"); it checks types and ranges.
@@ -24,6 +25,8 @@ _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "pres
                     "skip_special_tokens", "spaces_between_special_tokens")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to "until done"
+# Token counts and ids travel as msgpack integers: 64 bits.
+_INT64_MAX = 2**63 - 1
 # vLLM's stand-in for -inf: JSON has no infinities.
 _MIN_LOGPROB = -9999.0
 
@@ -39,8 +42,11 @@ class ParsedRequest:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return _clip(repr(value), 80)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _bad(param: str, expected: str, value: Any) -> ApiError:
@@ -51,6 +57,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _too_big(param: str, value: int) -> ApiError:
+    return ApiError(400, f"{param} must fit in a 64-bit integer (at most {_INT64_MAX}), "
+                         f"got {_short(value)}", param=param)
+
+
 def _common(body: dict, served_models: list[str]) -> tuple[str, bool, bool]:
     """model, stream, include_usage; refuses OpenAI features this server lacks."""
     model = body.get("model")
@@ -59,7 +70,8 @@ def _common(body: dict, served_models: list[str]) -> tuple[str, bool, bool]:
     if model not in served_models:
         raise ApiError(404, f"The model `{model}` does not exist. Served models: "
                             f"{', '.join(served_models)}", param="model", code="model_not_found")
-    stream = body.get("stream") or False
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise _bad("stream", "a boolean", stream)
     options = body.get("stream_options")
@@ -115,10 +127,17 @@ def _sampling(body: dict, kind: str, limits: ApiLimits) -> dict:
     elif logprobs is not None and logprobs is not False:
         kwargs["logprobs"] = logprobs
     try:
-        return SamplingParams(**kwargs).to_dict()
+        sampling = SamplingParams(**kwargs).to_dict()
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
-        raise ApiError(400, str(e), param=field if field in body else None) from None
+        raise ApiError(400, _clip(str(e), 1000), param=field if field in body else None) from None
+    for field in ("max_tokens", "min_tokens", "top_k"):
+        value = sampling[field]
+        if value is not None and value > _INT64_MAX:
+            raise _too_big(name if field == "max_tokens" else field, value)
+    if any(t > _INT64_MAX for t in sampling["stop_token_ids"]):
+        raise _too_big("stop_token_ids", max(sampling["stop_token_ids"]))
+    return sampling
 
 
 def _content(content: Any, param: str, images: list[tuple[Any, str]]) -> str | list[dict]:
@@ -177,6 +196,7 @@ async def parse_chat(body: dict, served_models: list[str], limits: ApiLimits,
                      resolver: ImageResolver, request_id: str,
                      arrival_time: float = 0.0) -> ParsedRequest:
     """Validate a /v1/chat/completions body; fetch and check its images (in order)."""
+    check_json_tree(body)
     model, stream, include_usage = _common(body, served_models)
     messages, refs = _messages(body)
     sampling = _sampling(body, "chat", limits)
@@ -211,6 +231,8 @@ def _prompt(body: dict) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, str):
         return prompt, None
     if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        if max(prompt) > _INT64_MAX:
+            raise _too_big("prompt", max(prompt))
         return None, list(prompt)
     raise _bad("prompt", "a string or a non-empty list of token ids (integers >= 0)", prompt)
 
@@ -218,6 +240,7 @@ def _prompt(body: dict) -> tuple[str | None, list[int] | None]:
 def parse_completion(body: dict, served_models: list[str], limits: ApiLimits,
                      request_id: str, arrival_time: float = 0.0) -> ParsedRequest:
     """Validate a /v1/completions body."""
+    check_json_tree(body)
     model, stream, include_usage = _common(body, served_models)
     prompt, prompt_ids = _prompt(body)
     sampling = _sampling(body, "completion", limits)
@@ -324,8 +347,10 @@ class ResponseBuilder:
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact JSON; NaN/inf are refused rather than sent as invalid JSON."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    """Compact JSON; NaN/inf are refused rather than sent as invalid JSON. A lone surrogate
+    (only an error message that quotes the client could hold one) becomes "?"."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8", "replace")
 
 
 def sse_event(obj: Any) -> bytes:

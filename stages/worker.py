@@ -173,7 +173,8 @@ class StageWorker(PeerCacheMixin):
             return
 
         def prepare(e: LLMEngine):
-            req = e.prepare_request(rid, prompt, params, prefill_only=msg.prefill_only)
+            req = e.prepare_request(rid, prompt, params, prefill_only=msg.prefill_only,
+                                    prompt_name="messages" if msg.messages is not None else "prompt")
             return (req, *e.prefix_probe(req))
 
         req, hashes, local = await self.threads.call(prepare)

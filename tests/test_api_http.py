@@ -305,6 +305,21 @@ ERROR_CASES = [
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", "batched prompts"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 0}, 400, "max_tokens", ""),
     ("/v1/completions", {"model": MODEL, "prompt": 4}, 400, "prompt", ""),
+    # Nesting past the parser's depth is the client's fault, not a RecursionError's 500.
+    ("/v1/chat/completions", b"[" * 100000 + b"]" * 100000, 400, None, "nested too deeply"),
+    ("/v1/completions", b'{"a": ' * 100000 + b"1" + b"}" * 100000, 400, None, "nested too deeply"),
+    ("/v1/completions", b'{"model": "tiny-vlm", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+     400, None, "nested too deeply"),
+    # Deep enough to parse, too deep to be a request: refused before anything recurses on it.
+    ("/v1/completions", b'{"model": "tiny-vlm", "prompt": ' + b"[" * 500 + b"]" * 500 + b"}", 400,
+     "prompt", "nested too deeply (more than 100 levels)"),
+    ("/v1/chat/completions", json.dumps(chat_body(stop=json.loads("[" * 101 + "]" * 101))).encode(),
+     400, "stop", "nested too deeply"),
+    ("/v1/chat/completions", b'{"model": "tiny-vlm", "messages": [{"role": "user", "content": '
+                             b'"\\ud800"}]}', 400, "messages[0].content", "lone surrogate"),
+    ("/v1/chat/completions", b'{"model": "\\udfff", "messages": []}', 400, "model", "lone surrogate"),
+    ("/v1/completions", b'{"model": "tiny-vlm", "prompt": [1, 1' + b"0" * 30 + b"]}", 400, "prompt",
+     "64-bit"),
 ]
 
 
@@ -317,6 +332,17 @@ def test_error_bodies(server, path, body, status, param, text):
     assert error["param"] == param and text in error["message"]
     if status == 404:
         assert error["code"] == "model_not_found"
+
+
+def test_json_escapes_are_decoded_before_the_unicode_check(server, backend):
+    raw = b'{"model": "tiny-vlm", "messages": [{"role": "user", "content": "\\ud83d\\ude00 ok"}]}'
+    status, _, out = post(server, "/v1/chat/completions", raw)
+    assert status == 200, out
+    assert backend.requests[json.loads(out)["id"][9:]].messages[0]["content"] == "\U0001f600 ok"
+    # 100 levels is allowed (a body nests about 6 in practice).
+    status, _, out = post(server, "/v1/chat/completions",
+                          chat_body(user=json.loads("[" * 99 + "]" * 99)))
+    assert status == 200, out
 
 
 def test_openai_client_sees_error_statuses(client):

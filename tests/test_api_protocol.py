@@ -15,7 +15,7 @@ from bus.sampling_params import SamplingParams
 from router.backend import ApiDelta, ApiError
 from router.images import ImageResolver, check_image, decode_data_url
 from router.limits import ApiLimits
-from router.openai_protocol import (ParsedRequest, ResponseBuilder, parse_chat,
+from router.openai_protocol import (ParsedRequest, ResponseBuilder, dumps, parse_chat,
                                     parse_completion, sse_event)
 
 MODELS = ["tiny-vlm"]
@@ -152,6 +152,50 @@ def test_unknown_model_is_404():
 def test_stream_options():
     assert chat({"stream": True, "stream_options": {"include_usage": True}}).include_usage
     assert not chat({"stream": True}).include_usage
+
+
+# What the wire (msgpack) cannot carry, or what is not text, is the client's fault: a 400 naming
+# the field, never a 500 from deeper down.
+_HUGE = 10 ** 30
+
+
+@pytest.mark.parametrize("parse, body, param, text", [
+    (chat, {"max_tokens": _HUGE}, "max_tokens", "64-bit"),
+    (chat, {"max_completion_tokens": 2 ** 63}, "max_completion_tokens", "64-bit"),
+    (chat, {"min_tokens": _HUGE}, "min_tokens", "64-bit"),
+    (chat, {"top_k": _HUGE}, "top_k", "64-bit"),
+    (chat, {"stop_token_ids": [1, _HUGE]}, "stop_token_ids", "64-bit"),
+    (completion, {"max_tokens": _HUGE}, "max_tokens", "64-bit"),
+    (completion, {"prompt": [1, _HUGE]}, "prompt", "64-bit"),
+    (completion, {"prompt": [[_HUGE]]}, "prompt", "64-bit"),
+    (completion, {"prompt": "a\ud800b"}, "prompt", "lone surrogate"),
+    (completion, {"stop": ["ok", "\udfff"]}, "stop[1]", "lone surrogate"),
+    (chat, {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content",
+     "lone surrogate"),
+    (chat, {"messages": [{"role": "user", "content": [{"type": "text", "text": "x\udc00"}]}]},
+     "messages[0].content[0].text", "lone surrogate"),
+    (chat, {"messages": [{"role": "user", "content": "x", "name": "\ud800"}]},
+     "messages[0].name", "lone surrogate"),
+    (chat, {"user": "\ud800"}, "user", "lone surrogate"),
+    (chat, {"stream": 0}, "stream", "a boolean"),
+    (chat, {"stream": ""}, "stream", "a boolean"),
+    (completion, {"stream": []}, "stream", "a boolean"),
+])
+def test_values_the_wire_cannot_carry_are_400(parse, body, param, text):
+    err = error_of(parse, body)
+    assert (err.status, err.param, err.type) == (400, param, "invalid_request_error")
+    assert text in err.message
+
+
+def test_dumps_never_fails_on_text():
+    assert dumps({"error": {"message": "bad \ud800 \u00e9"}}) == '{"error":{"message":"bad ? \u00e9"}}'.encode()
+
+
+def test_large_but_valid_numbers_pass():
+    assert chat({"max_tokens": 2 ** 63 - 1}).api.sampling["max_tokens"] == 2 ** 63 - 1
+    assert chat({"seed": 2 ** 64 - 1}).api.sampling["seed"] == 2 ** 64 - 1  # torch's range
+    assert chat({"messages": [{"role": "user", "content": "\U0001f600 \u00e9"}]}).api.messages[0][
+        "content"] == "\U0001f600 \u00e9"
 
 
 # ---- images ----------------------------------------------------------------------------------

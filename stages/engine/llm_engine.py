@@ -98,7 +98,8 @@ class LLMEngine:
         self.submit(self.prepare_request(request_id, prompt, params, images, prefill_only))
 
     def prepare_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                        images: list | None = None, prefill_only: bool = False) -> _Request:
+                        images: list | None = None, prefill_only: bool = False,
+                        prompt_name: str = "prompt") -> _Request:
         """Validate and tokenize a request without queueing it (``submit`` queues it).
 
         Between the two a worker may look for the prompt's prefix elsewhere in the cluster.
@@ -114,11 +115,8 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})")
         processed = self.inputs.process(token_ids, images)
         n = len(processed.token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(f"the prompt is {n} tokens long (images included) but the model's context "
-                             f"is {self.max_model_len} tokens, leaving no room to generate")
-        room = self.max_model_len - n
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        self._check_context(n, params.max_tokens, prompt_name)
+        max_tokens = self.max_model_len - n if params.max_tokens is None else params.max_tokens
         seq = Sequence(request_id, processed.token_ids, params, images=processed.images,
                        mrope_positions=processed.mrope_positions, mrope_delta=processed.mrope_delta,
                        prompt=text, arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids,
@@ -129,6 +127,19 @@ class LLMEngine:
         req = _Request(seq, detok, gen)
         req.prefill_only = prefill_only
         return req
+
+    def _check_context(self, n: int, max_tokens: int | None, prompt_name: str) -> None:
+        """vLLM's (and OpenAI's) error for a request that does not fit the context: no silent
+        clamping of ``max_tokens``; without one, the prompt must leave room for a token.
+        ``prompt_name`` is what the client sent ("messages" for a chat), images included."""
+        limit = self.max_model_len
+        head = f"This model's maximum context length is {limit} tokens. However, you requested"
+        if max_tokens is None and n >= limit:
+            raise ValueError(f"{head} {n} tokens in the {prompt_name}, which leaves no room for the "
+                             f"completion. Please reduce the length of the {prompt_name}.")
+        if max_tokens is not None and n + max_tokens > limit:
+            raise ValueError(f"{head} {n + max_tokens} tokens ({n} in the {prompt_name}, {max_tokens} in "
+                             f"the completion). Please reduce the length of the {prompt_name} or completion.")
 
     def submit(self, req: _Request, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
         """Queue a prepared request; ``prefix`` = (KV, token ids) of its first blocks, computed
