@@ -90,14 +90,19 @@ def _runner_timer(engine: LLMEngine) -> list[float]:
     return times
 
 
+def _plain_vocab(engine: LLMEngine) -> int:
+    """An id bound below the special tokens (image placeholders among them): random prompts stay text."""
+    return min(engine.vocab_size, len(engine.tokenizer)) - 100
+
+
 def seed_decodes(engine: LLMEngine, batch: int, ctx: int, gen: torch.Generator, tag: str) -> list[str]:
     """``batch`` running sequences whose first ``ctx`` tokens count as computed (no prefill)."""
-    vocab = engine.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
+    vocab = _plain_vocab(engine)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     ids = []
     for i in range(batch):
         rid = f"{tag}-{i}"
-        prompt = torch.randint(10, vocab - 300, (ctx,), generator=gen).tolist()
+        prompt = torch.randint(10, vocab, (ctx,), generator=gen).tolist()
         req = engine.prepare_request(rid, prompt, params)
         seq = req.seq
         if not engine.blocks.allocate(seq, ctx - 1):
@@ -128,6 +133,28 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, steps: int, runner_tim
             "tok_s": batch / step}
 
 
+def profile_decode(engine: LLMEngine, batch: int, ctx: int, steps: int = 5, top: int = 14) -> dict:
+    """Per-kernel GPU time of decode steps (torch.profiler; kernels inside CUDA graphs included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rids = seed_decodes(engine, batch, ctx, torch.Generator().manual_seed(batch + ctx), f"prof{batch}x{ctx}")
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    for rid in rids:
+        engine.abort_request(rid)
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    gpu_us = sum(e.self_device_time_total for e in kernels) / steps
+    rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": e.self_device_time_total / steps}
+            for e in kernels[:top]]
+    return {"batch": batch, "context": ctx, "gpu_us_per_step": gpu_us, "top": rows}
+
+
 def bench_prefill(engine: LLMEngine, n: int, length: int, reps: int = 3) -> dict:
     gen = torch.Generator().manual_seed(n * 31 + length)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
@@ -135,7 +162,7 @@ def bench_prefill(engine: LLMEngine, n: int, length: int, reps: int = 3) -> dict
     for rep in range(reps + 1):
         for i in range(n):
             engine.add_request(f"p{n}x{length}-{rep}-{i}",
-                               torch.randint(10, engine.vocab_size - 300, (length,), generator=gen).tolist(), params)
+                               torch.randint(10, _plain_vocab(engine), (length,), generator=gen).tolist(), params)
         torch.cuda.synchronize()
         t = time.perf_counter()
         while engine.has_unfinished_requests():
@@ -189,6 +216,7 @@ def main() -> None:
     p.add_argument("--max-batched-tokens", type=int, default=16384)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--profile", default="", help="decode points to profile per kernel, e.g. 1x512,128x512")
     p.add_argument("--out", default=None, help="write the figures here as JSON")
     args = p.parse_args()
     args.batches = [int(x) for x in args.batches.split(",")]
@@ -208,7 +236,7 @@ def main() -> None:
         engine = make_engine(args, backend)
         entry: dict = {"start_s": time.perf_counter() - t}
         wbytes = decode_weight_bytes(engine.runner.model)
-        floor_ms = wbytes / (result["copy_gb_s"] * 1e9 / 2) * 1e3  # weights are read once: half a copy
+        floor_ms = wbytes / (result["copy_gb_s"] * 1e9) * 1e3  # the copy rate counts all bytes moved
         result["decode_weight_gb"], result["floor_ms"] = wbytes / 1e9, floor_ms
         print(f"[{backend}] engine up in {entry['start_s']:.1f} s; decode reads {wbytes / 1e9:.2f} GB of "
               f"weights: floor {floor_ms:.2f} ms/step", flush=True)
@@ -229,6 +257,21 @@ def main() -> None:
                       f"(runner {r['runner_ms']:7.2f}) = {r['x_floor']:5.2f}x floor, {r['tok_s']:9,.0f} tok/s",
                       flush=True)
         entry["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        entry["profiles"] = []
+        for point in filter(None, args.profile.split(",")):
+            b, ctx = (int(x) for x in point.split("x"))
+            for graphs in ([True, False] if engine.runner.graphs is not None and b == 1 else [True]):
+                saved = engine.runner.graphs
+                if not graphs:
+                    engine.runner.graphs = None
+                prof = profile_decode(engine, b, ctx)
+                engine.runner.graphs = saved
+                prof["cuda_graphs"] = graphs and saved is not None
+                entry["profiles"].append(prof)
+                print(f"[{backend}] profile batch {b} ctx {ctx} (graphs {prof['cuda_graphs']}): "
+                      f"{prof['gpu_us_per_step']:.0f} us of kernels per step", flush=True)
+                for r in prof["top"]:
+                    print(f"    {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.0f}  {r['kernel']}", flush=True)
         result[backend] = entry
         del engine
         gc.collect()
