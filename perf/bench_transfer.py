@@ -1,7 +1,8 @@
 """Pull bandwidth and latency between two processes: ucx, shm and zmq beside raw ucxx and a copy.
 
 A holder process publishes one float32 tensor per size; this process pulls
-each one ``--reps`` times per backend (after a warm-up round) and reports the
+each one ``--reps`` times per backend (after a warm-up round), the backends
+taking turns in an order that rotates every repetition, and reports the
 median. Beside them, taking turns with the pulls:
 
 - raw ucxx: the least a UCX pull can cost. The same UCX settings and
@@ -180,6 +181,7 @@ async def _measure(conn, info: dict, sizes: list[int], names: list[str], reps: i
     backends = _make_backends(names)
     for b in backends:
         await b.start()
+    by_name = {b.name: b for b in backends}
     medians: dict[int, dict[str, float]] = {}
     for n in sizes:
         src = _payload(n, device)
@@ -191,10 +193,16 @@ async def _measure(conn, info: dict, sizes: list[int], names: list[str], reps: i
             sample = {
                 "copy": _timed(lambda: dst.copy_(src), device),
                 "clone": _timed(lambda: src.clone(), device),
-                "raw": await raw.fetch(n, raw_buf),
             }
-            for b in backends:
-                sample[b.name] = await _timed_pull(b, info["backends"][b.name], key, device)
+            # The order rotates: a pull can pay for the tail of the one before it (the holder
+            # still finishing its reply), and that must not always fall on the same method.
+            pulls = ["raw", *(b.name for b in backends)]
+            for name in pulls[rep % len(pulls):] + pulls[:rep % len(pulls)]:
+                if name == "raw":
+                    sample["raw"] = await raw.fetch(n, raw_buf)
+                else:
+                    b = by_name[name]
+                    sample[name] = await _timed_pull(b, info["backends"][name], key, device)
             if rep:
                 for k, v in sample.items():
                     times.setdefault(k, []).append(v)

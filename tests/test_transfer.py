@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from transfer.base import KeyNotFound, TransferError, TransferTimeout
-from transfer.select import MultiTransfer, host_id, make_backend
+from transfer.select import UCX_FROM_BYTES, MultiTransfer, host_id, make_backend
 from transfer.shm_backend import SHM_DIR, ShmBackend
 from transfer.shm_pool import SEGMENT_PREFIX, owner_prefix
 from tests.transfer_holder import spawn_holder
@@ -153,7 +153,7 @@ def test_concurrent_pulls_to_one_peer(holder, expected, backend):
 def test_auto_picks_shm_on_the_same_host(holder, expected):
     _, _, card = holder
     assert card["host_id"] == host_id()
-    card = {k: v for k, v in card.items() if k != "ucx"}  # ucx comes first where both run it
+    card = {k: v for k, v in card.items() if k != "ucx"}  # tests/test_transfer_ucx.py has the ucx choices
 
     async def pulls(t):
         assert_same(await t.pull(json.dumps(card), "mix", timeout=10), expected["mix"])  # as sent on the bus
@@ -164,6 +164,43 @@ def test_auto_picks_shm_on_the_same_host(holder, expected):
     by_backend = run(pulls)
     assert by_backend.pop("ucx", 0) == 0
     assert by_backend == {"shm": 1, "zmq": 1}
+
+
+def test_auto_choice_follows_the_measured_order():
+    """Host memory, one host: shm, until pulls of that kind of key came to UCX_FROM_BYTES; then ucx.
+    Device memory: ucx. Another host: ucx, else zmq. (Fake backends: only the choice is tested.)"""
+    from types import SimpleNamespace
+
+    sizes = {"kv/small": 16 << 10, "kv/big": UCX_FROM_BYTES, "emb/a": 4 << 10}
+
+    def fake(name):
+        async def pull(addr, key, *, timeout, device="cpu"):
+            return [torch.zeros(sizes[key], dtype=torch.uint8)]
+        return SimpleNamespace(name=name, pull=pull)
+
+    t = MultiTransfer([fake("ucx"), fake("shm"), fake("zmq")], {})
+    card = {"host_id": host_id(), "ucx": "u", "shm": "s", "zmq": "z"}
+    elsewhere = {**card, "host_id": "other-host:0"}
+
+    def chosen(peer, key, device="cpu"):
+        return t.choose(peer, key, device)[0].name
+
+    async def main():
+        assert chosen(card, "kv/small") == "shm"
+        assert chosen(card, "kv/small", "cuda") == "ucx"
+        assert chosen(elsewhere, "kv/small") == "ucx"
+        assert chosen({k: v for k, v in elsewhere.items() if k != "ucx"}, "kv/small") == "zmq"
+        assert chosen({k: v for k, v in card.items() if k != "shm"}, "kv/small") == "ucx"
+        await t.pull(card, "kv/small", timeout=1)
+        assert chosen(card, "kv/x") == "shm"
+        await t.pull(card, "kv/big", timeout=1)  # over shm: nothing was known of the size before
+        assert chosen(card, "kv/x") == "ucx"
+        assert chosen(card, "emb/a") == "shm"  # another kind keeps its own
+        await t.pull(card, "kv/small", timeout=1)  # over ucx
+        assert chosen(card, "kv/x") == "shm"
+
+    asyncio.run(main())
+    assert t.pulls_by_backend == {"ucx": 1, "shm": 2, "zmq": 0}
 
 
 def test_wedged_holder_times_out_and_its_segment_is_released(holder):

@@ -145,22 +145,27 @@ def test_concurrent_pulls_to_one_peer(holder, expected):
 
 
 def test_choice_order(holder, expected):
-    """ucx first; shm for a same-host peer without ucx; zmq for the rest; counted per backend."""
+    """One host, host memory: shm, then ucx for a kind of key whose last pull was big; device memory and
+    another host: ucx; zmq where nothing else is shared; counted per backend."""
     _, _, card = holder
     assert set(card) == {"host_id", "ucx", "shm", "zmq"}
+    elsewhere = {**card, "host_id": "other-host:0"}
 
     async def pulls(t):
-        assert t.choose(card)[0].name == "ucx"
+        assert t.choose(card, "mix")[0].name == "shm"
+        assert t.choose(card, "mix", device="cuda")[0].name == "ucx"
         assert_same(await t.pull(json.dumps(card), "mix", timeout=10), expected["mix"])  # as sent on the bus
-        no_ucx = {k: v for k, v in card.items() if k != "ucx"}
-        assert_same(await t.pull(no_ucx, "mix", timeout=10), expected["mix"])
-        elsewhere = {**no_ucx, "host_id": "other-host:0"}
+        assert_same(await t.pull(card, "mid", timeout=10), expected["mid"])  # shm: 5.5 MiB
+        assert t.choose(card, "mid")[0].name == "ucx"
+        assert_same(await t.pull(card, "mid", timeout=10), expected["mid"])
         assert_same(await t.pull(elsewhere, "mix", timeout=10), expected["mix"])
+        no_ucx = {k: v for k, v in elsewhere.items() if k != "ucx"}
+        assert_same(await t.pull(no_ucx, "mix", timeout=10), expected["mix"])
         return dict(t.pulls_by_backend), t.stats()
 
     by_backend, stats = run(pulls, kind="auto")
-    assert by_backend == {"ucx": 1, "shm": 1, "zmq": 1}
-    assert stats["backends"]["ucx"]["pulls_done"] == 1
+    assert by_backend == {"ucx": 2, "shm": 2, "zmq": 1}
+    assert stats["backends"]["ucx"]["pulls_done"] == 2
 
 
 def test_forget_peer_then_pull_again(holder, expected):

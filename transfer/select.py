@@ -3,8 +3,27 @@
 A worker runs one server per transport it offers and advertises them all in
 one *card*, ``{"host_id": ..., "ucx": <addr>, "shm": <addr>, "zmq": <addr>}``
 (its ``MultiTransfer.address`` is that card as JSON, its ``.card`` the dict).
-A puller takes the first transport both ends run, in the order ucx, shm (only
-when the peer has the same host id), zmq.
+A puller takes, among the transports both ends run (shm only when the peer has
+the same host id), the one measured fastest for the pull (``MultiTransfer.choose``):
+
+- into device memory: ucx (cuda_ipc on one host, GPUDirect across hosts where
+  UCX finds it); shm and zmq stage the bytes through host memory;
+- host memory, same host: shm, or ucx once pulls of that kind of key (its
+  prefix: ``kv``, ``emb``, ``prefix``) came to ``UCX_FROM_BYTES`` or more;
+- host memory, another host: ucx, else zmq.
+
+Measured with ``perf/bench_transfer.py`` between two processes of this 2-core
+host, host memory, after the UCX progress fix; ms per pull, ucx / shm / zmq,
+medians of 16 with the order rotating, two runs: 16 KiB 3.21 / 1.23 / 0.97 and
+0.69 / 0.51 / 0.47; 64 KiB 1.25 / 1.11 / 0.84 and 0.70 / 0.60 / 0.57; 256 KiB
+1.24 / 1.27 / 1.02 and 0.94 / 0.85 / 0.83; 4 MiB 5.3 / 5.5 / 5.7 and 2.25 /
+2.62 / 3.33; 16 MiB 4.5 / 7.8 / 11.2 and 4.6 / 6.9 / 10.6 (earlier runs alike,
+and 64 MiB 17-20 / 21-25 / 74-83). Up to a few hundred KiB, where a tiny or
+small model's KV handoffs and image embeddings are, shm's payload rides in its
+zmq reply (``shm_backend._IN_REPLY_BYTES``) and is as fast as zmq, and both
+beat UCX; from ~1 MiB UCX's single copy (cma) beats shm's two and a socket's.
+The size of a pull is known only once it is answered, hence the last size per
+kind of key (the two are even around ``UCX_FROM_BYTES``).
 """
 
 from __future__ import annotations
@@ -23,6 +42,8 @@ from transfer.ucx_backend import UcxBackend, ucx_available
 from transfer.zmq_backend import ZmqBackend
 
 KINDS = ("auto", "ucx", "shm", "zmq")
+# Same-host pulls of host memory from this many bytes on go over UCX when both ends run it.
+UCX_FROM_BYTES = 512 << 10
 
 
 @functools.cache
@@ -73,6 +94,7 @@ class MultiTransfer(TransferBackend):
         self._backends = {b.name: b for b in backends}
         self.host_id = host_id()
         self.pulls_by_backend: dict[str, int] = {b.name: 0 for b in backends}
+        self.last_bytes: dict[str, int] = {}  # kind of key -> bytes of its last pull
 
     async def start(self) -> None:
         for b in self._backends.values():
@@ -86,15 +108,21 @@ class MultiTransfer(TransferBackend):
     def address(self) -> str:
         return json.dumps(self.card, sort_keys=True, separators=(",", ":"))
 
-    def choose(self, peer: dict | str) -> tuple[TransferBackend, str]:
-        """The backend to pull from ``peer`` with, and the peer's address for it."""
+    def choose(self, peer: dict | str, key: str = "", device: str = "cpu") -> tuple[TransferBackend, str]:
+        """The backend to pull ``key`` from ``peer`` into ``device`` with, and the peer's address for it.
+
+        The order is the module docstring's (measured there).
+        """
         card = _card(peer)
         ucx = self._backends.get("ucx")
-        if ucx is not None and "ucx" in card:
-            return ucx, card["ucx"]
+        ucx = ucx if ucx is not None and "ucx" in card else None
         shm = self._backends.get("shm")
-        if shm is not None and "shm" in card and card.get("host_id") == self.host_id:
+        shm = shm if shm is not None and "shm" in card and card.get("host_id") == self.host_id else None
+        if shm is not None and (ucx is None or (torch.device(device).type == "cpu"
+                                                and self.last_bytes.get(_kind(key), 0) < UCX_FROM_BYTES)):
             return shm, card["shm"]
+        if ucx is not None:
+            return ucx, card["ucx"]
         zmq_b = self._backends.get("zmq")
         if zmq_b is not None and "zmq" in card:
             return zmq_b, card["zmq"]
@@ -105,9 +133,10 @@ class MultiTransfer(TransferBackend):
 
     async def pull(self, peer_address: dict | str, key: str, *, timeout: float,
                    device: str = "cpu") -> list[torch.Tensor]:
-        backend, addr = self.choose(peer_address)
+        backend, addr = self.choose(peer_address, key, device)
         tensors = await backend.pull(addr, key, timeout=timeout, device=device)
         self.pulls_by_backend[backend.name] += 1
+        self.last_bytes[_kind(key)] = sum(t.numel() * t.element_size() for t in tensors)
         return tensors
 
     async def forget_peer(self, peer: dict | str) -> None:
@@ -138,6 +167,11 @@ class MultiTransfer(TransferBackend):
         out["pulls_by_backend"] = dict(self.pulls_by_backend)
         out["backends"] = {n: b.stats() for n, b in self._backends.items()}
         return out
+
+
+def _kind(key: str) -> str:
+    """``kv/<rid>`` -> ``kv``: keys of one kind have sizes of one magnitude."""
+    return key.partition("/")[0]
 
 
 def _card(peer: dict | str) -> dict:
