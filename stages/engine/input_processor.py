@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from stages.engine.images import image_content_hash, load_image
+from stages.engine.prompt_ids import TokenizedPrompt, tokenize_chat, tokenize_prompt
 from stages.engine.sequence import ImageItem
 from stages.models.base import ImageSupport
 
@@ -40,8 +41,10 @@ class InputProcessor:
         self.images = image_support
         self.max_images = max_images
 
-    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    def split(self, prompt, images: list | None = None) -> TokenizedPrompt:
+        """A completion prompt (str, ids or prompt dict) -> text, ids (placeholders not yet
+        expanded) and image sources; the rules are in ``prompt_ids``."""
+        return tokenize_prompt(self.tokenizer, prompt, images)
 
     def process(self, token_ids: list[int], images: list | None) -> ProcessedPrompt:
         images = list(images or [])
@@ -88,23 +91,5 @@ class InputProcessor:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     chat_template: str | None = None) -> dict:
         """OpenAI-style messages -> a prompt dict (token ids + images, in order of appearance)."""
-        images = []
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m:
-                raise ValueError("each message must be an object with a 'role'")
-            content = m.get("content")
-            if isinstance(content, list):
-                for part in content:
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    if kind == "image_url":
-                        url = part.get("image_url")
-                        images.append(url.get("url") if isinstance(url, dict) else url)
-                    elif kind == "image":
-                        images.append(part.get("image") or part.get("url") or part.get("path"))
-                    elif kind != "text":
-                        raise ValueError(f"unsupported content part type {kind!r}")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
-                                                  add_generation_prompt=add_generation_prompt)
-        # The template already holds the special tokens (bos and the like).
-        ids = self.tokenize(text, add_special_tokens=False)
-        return {"prompt": text, "prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+        p = tokenize_chat(self.tokenizer, messages, add_generation_prompt, chat_template)
+        return {"prompt": p.text, "prompt_token_ids": p.token_ids, "multi_modal_data": {"image": p.images}}

@@ -107,7 +107,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids, images = self._split_prompt(prompt, images)
+        split = self.inputs.split(prompt, images)
+        text, token_ids, images = split.text, split.token_ids, split.images
         if not token_ids:
             raise ValueError("the prompt is empty")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
@@ -196,29 +197,6 @@ class LLMEngine:
         if n == 0:
             return None
         return kv[:, :, :n * bm.block_size].contiguous(), torch.tensor([t for ts in tokens[:n] for t in ts], dtype=torch.int64)
-
-    def _split_prompt(self, prompt, images):
-        if isinstance(prompt, dict):
-            mm = prompt.get("multi_modal_data") or {}
-            unknown = set(mm) - {"image"}
-            if unknown:
-                raise ValueError(f"unsupported multi_modal_data key(s): {sorted(unknown)}; only 'image'")
-            imgs = mm.get("image")
-            if imgs is not None and not isinstance(imgs, (list, tuple)):
-                imgs = [imgs]
-            images = list(imgs or []) + list(images or [])
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"]), images
-            prompt = prompt.get("prompt")
-            if not isinstance(prompt, str):
-                raise ValueError("a prompt dict needs 'prompt' (str) or 'prompt_token_ids' (list of int)")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty")
-            return prompt, self.inputs.tokenize(prompt), images
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt), images
-        raise ValueError(f"unsupported prompt of type {type(prompt).__name__}")
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
