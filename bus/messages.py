@@ -200,6 +200,15 @@ class PrefixExported:
     num_blocks: int
 
 
+@message(19)
+class Tokenized:
+    """The answer to a ``TokenizeRequest`` (``token_ids``) or a ``DetokenizeRequest`` (``text``)."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+
 # ---- router -> worker --------------------------------------------------------------------------
 @message(20)
 class EncodeRequest:
@@ -260,6 +269,28 @@ class PrefixAnswer:
     key: str
     holder: dict[str, str]
     num_blocks: int
+
+
+@message(38)
+class TokenizeRequest:
+    """The prompt ids a request would run (``/tokenize``): a chat (``messages`` with image parts
+    standing for ``images``) or a completion ``prompt``. ``add_special_tokens`` None follows the
+    engine's rule; a bool is applied to the prompt (or the rendered chat) as given."""
+
+    request_id: str
+    messages: list[dict] | None
+    prompt: str | None
+    images: list[bytes] = field(default_factory=list)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+
+
+@message(39)
+class DetokenizeRequest:
+    """Token ids -> text with the model's tokenizer (``/detokenize``)."""
+
+    request_id: str
+    token_ids: list[int]
 
 
 # ---- client SDK <-> router ---------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """The OpenAI-compatible HTTP server (aiohttp) in front of a `Backend`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{model}],
-GET /health, GET /metrics. Every error, ours or aiohttp's, is an OpenAI error body.
+POST /tokenize, POST /detokenize, GET /version (vLLM's), GET /health, GET /metrics.
+Every error, ours or aiohttp's, is an OpenAI error body. A request with ``n > 1`` runs as
+``n`` backend requests of one sample each (the same prompt: its KV is shared through the
+workers' prefix cache); their deltas go out interleaved, each choice with its index.
 This module must stay light: no torch, no transformers, nothing from `stages/`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -19,12 +23,17 @@ from router.images import ImageResolver
 from router.json_body import parse_body
 from router.limits import ApiLimits
 from router.metrics import ApiMetrics, RequestTracker
-from router.openai_protocol import (SSE_DONE, ParsedRequest, ResponseBuilder, dumps,
-                                    parse_chat, parse_completion, sse_event)
+from router.openai_protocol import (SSE_DONE, ParsedRequest, ResponseBuilder, dumps, parse_chat,
+                                    parse_completion, parse_detokenize, parse_tokenize,
+                                    sample_requests, sse_event)
 
 log = logging.getLogger(__name__)
 
 API_METRICS = web.AppKey("epd_api_metrics", ApiMetrics)
+try:
+    _VERSION = importlib.metadata.version("epd")
+except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    _VERSION = "0+unknown"
 # aiohttp does not cancel handlers on disconnect by default, so a request waiting on the
 # backend notices a vanished client by polling its transport at this period.
 _DISCONNECT_POLL_S = 0.1
@@ -41,13 +50,20 @@ def _server_error(message: str = "internal server error") -> ApiError:
     return ApiError(500, message, type="server_error")
 
 
-def _failed(parsed: ParsedRequest, tracker: RequestTracker, exc: Exception) -> web.Response:
-    """The error response for a request that failed before its output started (tracked)."""
+def _failed(parsed: ParsedRequest, trackers: list[RequestTracker], exc: Exception) -> web.Response:
+    """The error response for a request that failed before its output ended (tracked)."""
     if not isinstance(exc, ApiError):
         log.error("request %s failed", parsed.api.request_id, exc_info=exc)
         exc = _server_error()
-    tracker.fail(exc.status)
+    _fail_all(trackers, exc.status)
     return _error_response(exc)
+
+
+def _fail_all(trackers: list[RequestTracker], status: int) -> None:
+    """One error for the request; its other samples count as aborted."""
+    trackers[0].fail(status)
+    for t in trackers[1:]:
+        t.finish("abort")
 
 
 class _Flight:
@@ -96,6 +112,49 @@ class _Flight:
                 await self._backend.abort(self._req.request_id)
             except Exception:
                 log.exception("backend.abort(%s) failed", self._req.request_id)
+
+
+class _Samples:
+    """A request's samples as one stream of (index, delta); with one sample, its flight itself."""
+
+    def __init__(self, flights: list[_Flight]):
+        self.flights = flights
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._left = len(flights)
+        self._pumps = [asyncio.create_task(self._pump(i, f)) for i, f in enumerate(flights)] \
+            if len(flights) > 1 else []
+
+    async def _pump(self, index: int, flight: _Flight) -> None:
+        try:
+            while (delta := await flight.next()) is not None:
+                self._queue.put_nowait((index, delta))
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            self._queue.put_nowait((index, e))
+            return
+        self._queue.put_nowait((index, None))
+
+    async def next(self) -> tuple[int, ApiDelta] | None:
+        """The next delta of any sample; None after every sample's final one; raises a sample's error."""
+        if not self._pumps:
+            delta = await self.flights[0].next()
+            return None if delta is None else (0, delta)
+        while self._left:
+            index, item = await self._queue.get()
+            if item is None:
+                self._left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                return index, item
+        return None
+
+    async def close(self) -> None:
+        """Stop reading, then close (abort) every unfinished sample."""
+        for t in self._pumps:
+            t.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for f in self.flights:
+            await f.close()
 
 
 async def _wait_disconnect(request: web.Request) -> None:
@@ -156,10 +215,10 @@ class _Api:
 
     async def _serve(self, request: web.Request, parsed: ParsedRequest,
                      start: float) -> web.StreamResponse:
-        tracker = self.metrics.track(start)
-        flight = _Flight(self.backend, parsed.api)
+        trackers = [self.metrics.track(start) for _ in range(parsed.n)]
+        samples = _Samples([_Flight(self.backend, r) for r in sample_requests(parsed)])
         answer = self._stream if parsed.api.stream else self._collect
-        work = asyncio.create_task(answer(request, parsed, flight, tracker))
+        work = asyncio.create_task(answer(request, parsed, samples, trackers))
         watch = asyncio.create_task(_wait_disconnect(request))
         try:
             await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
@@ -170,57 +229,64 @@ class _Api:
             watch.cancel()
             work.cancel()  # no-op when done; when the client left or we were cancelled
             await asyncio.gather(work, watch, return_exceptions=True)
-            tracker.finish("abort")  # counts only if nothing else ended the request
-            await flight.close()
+            for t in trackers:
+                t.finish("abort")  # counts only if nothing else ended the request
+            await samples.close()
 
-    async def _collect(self, request: web.Request, parsed: ParsedRequest, flight: _Flight,
-                       tracker: RequestTracker) -> web.Response:
-        deltas: list[ApiDelta] = []
+    async def _collect(self, request: web.Request, parsed: ParsedRequest, samples: _Samples,
+                       trackers: list[RequestTracker]) -> web.Response:
+        deltas: list[list[ApiDelta]] = [[] for _ in trackers]
         try:
-            while (delta := await flight.next()) is not None:
-                tracker.on_delta(delta)
-                deltas.append(delta)
-            if not deltas:
+            while (item := await samples.next()) is not None:
+                index, delta = item
+                trackers[index].on_delta(delta)
+                deltas[index].append(delta)
+            if not all(deltas):
                 raise _server_error("the backend ended the request without output")
-            body = dumps(ResponseBuilder(parsed).response(deltas))
+            body = dumps(ResponseBuilder(parsed).response_n(deltas))
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
-            return _failed(parsed, tracker, e)
-        tracker.finish(deltas[-1].finish_reason)
+            return _failed(parsed, trackers, e)
+        for t, d in zip(trackers, deltas):
+            t.finish(d[-1].finish_reason)
         return web.Response(body=body, content_type="application/json")
 
-    async def _stream(self, request: web.Request, parsed: ParsedRequest, flight: _Flight,
-                      tracker: RequestTracker) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, parsed: ParsedRequest, samples: _Samples,
+                      trackers: list[RequestTracker]) -> web.StreamResponse:
         # The first delta comes before the headers, so an error the backend raises
         # before any output (prompt too long, ...) keeps its HTTP status.
         try:
-            delta = await flight.next()
-            if delta is None:
+            item = await samples.next()
+            if item is None:
                 raise _server_error("the backend ended the request without output")
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
-            return _failed(parsed, tracker, e)
+            return _failed(parsed, trackers, e)
         builder = ResponseBuilder(parsed)
         resp = web.StreamResponse(headers=_SSE_HEADERS)
+        last: list[ApiDelta | None] = [None] * len(trackers)
         try:
             await resp.prepare(request)
             try:
-                last = delta
-                while delta is not None:
-                    tracker.on_delta(delta)
-                    last = delta
-                    if (chunk := builder.chunk(delta)) is not None:
+                while item is not None:
+                    index, delta = item
+                    trackers[index].on_delta(delta)
+                    last[index] = delta
+                    if (chunk := builder.chunk(delta, index)) is not None:
                         await resp.write(sse_event(chunk))  # goes straight to the socket
-                    delta = await flight.next()
+                    if delta.finish_reason is not None:
+                        trackers[index].finish(delta.finish_reason)
+                    item = await samples.next()
+                if any(d is None for d in last):
+                    raise _server_error("the backend ended a sample without output")
                 if builder.include_usage:
                     await resp.write(sse_event(builder.usage_chunk(last)))
-                tracker.finish(last.finish_reason)
             except ApiError as e:
-                tracker.fail(e.status)
+                _fail_all(trackers, e.status)
                 await resp.write(sse_event(e.to_dict()))
             except ConnectionResetError:
                 raise
             except Exception:
                 log.exception("request %s failed mid-stream", parsed.api.request_id)
-                tracker.fail(500)
+                _fail_all(trackers, 500)
                 await resp.write(sse_event(_server_error().to_dict()))
             await resp.write(SSE_DONE)
         except ConnectionResetError:
@@ -239,7 +305,33 @@ class _Api:
         return web.json_response(self._model(name))
 
     def _model(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "epd"}
+        card = self.backend.model_card() if hasattr(self.backend, "model_card") else {}
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "epd",
+                "root": card.get("root") or name, "parent": None,
+                "max_model_len": card.get("max_model_len")}
+
+    def _tokenizer(self, name: str):
+        """The backend's ``name`` method; backends without a tokenizer answer 501."""
+        fn = getattr(self.backend, name, None)
+        if fn is None:
+            raise ApiError(501, f"this server's backend has no {name}", type="server_error")
+        return fn
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        call = await parse_tokenize(await self._body(request), self.backend.served_models, self.limits,
+                                    self.resolver)
+        ids = await self._tokenizer("tokenize")(call.messages, call.prompt, call.images,
+                                                call.add_special_tokens, call.add_generation_prompt)
+        card = self.backend.model_card() if hasattr(self.backend, "model_card") else {}
+        return web.json_response({"count": len(ids), "max_model_len": card.get("max_model_len"),
+                                  "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        _, tokens = parse_detokenize(await self._body(request), self.backend.served_models)
+        return web.json_response({"prompt": await self._tokenizer("detokenize")(tokens)})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": _VERSION})
 
     async def health(self, request: web.Request) -> web.Response:
         try:
@@ -273,6 +365,9 @@ def make_app(backend: Backend, limits: ApiLimits, metrics: ApiMetrics | None = N
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/v1/models/{model}", api.model)
+    app.router.add_post("/tokenize", api.tokenize)
+    app.router.add_post("/detokenize", api.detokenize)
+    app.router.add_get("/version", api.version)
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.prometheus)
     app.on_cleanup.append(api.close)

@@ -76,6 +76,9 @@ class ClientFront:
                 parsed = parse_completion(msg.body, self.backend.served_models, self.limits, rid, time.time())
             else:
                 raise ApiError(400, f"unknown request kind {msg.kind!r}; use 'chat' or 'completion'")
+            if parsed.n != 1:
+                raise ApiError(400, "n > 1 is served by the HTTP API; over the SDK send one request per sample",
+                               param="n")
             started = True
             async for d in self.backend.generate(parsed.api):
                 await self._reply(ident, m.TokenDelta(

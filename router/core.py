@@ -27,6 +27,7 @@ from router.backend import ApiDelta, ApiError, ApiRequest
 from router.cluster_cache import ClusterCacheMixin
 from router.policy import DispatchPolicy, LeastLoaded
 from router.registry import Registry, WorkerRecord
+from router.tokenize import TokenizeMixin
 
 log = logging.getLogger("epd.router")
 
@@ -42,7 +43,7 @@ class _Flight:
     done: bool = False
 
 
-class RouterCore(ClusterCacheMixin):
+class RouterCore(ClusterCacheMixin, TokenizeMixin):
     def __init__(self, served_models: list[str], policy: DispatchPolicy | None = None,
                  expected: dict[str, int] | None = None, heartbeat_timeout: float = 5.0, metrics=None,
                  cluster_cache: bool = True):
@@ -55,6 +56,7 @@ class RouterCore(ClusterCacheMixin):
         self._tasks: list[asyncio.Task] = []
         self.pub: AsyncSocket | None = None
         self._init_cluster_cache(cluster_cache)
+        self._init_tokenize()
 
     # ---- sockets ----------------------------------------------------------------------------
     async def start(self, worker_addr: str, control_addr: str | None = None) -> None:
@@ -186,6 +188,8 @@ class RouterCore(ClusterCacheMixin):
                 self.metrics.update_cluster(self.index.stats(), self.cache_stats)
             return
         rec = self.registry.seen(wid)
+        if self._on_tokenize_message(msg):
+            return
         if await self._on_cache_message(wid, rec, msg):
             return
         flight = self.flights.get(getattr(msg, "request_id", ""))

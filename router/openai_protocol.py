@@ -6,6 +6,7 @@ through `SamplingParams`, whose messages name the field and the allowed range.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -19,7 +20,8 @@ from router.json_body import check_json_tree
 from router.limits import ApiLimits
 
 # Passed to SamplingParams as given (null means "default"); it checks types and ranges.
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+# `n` is not among them: the HTTP layer runs n samples as n requests of one sample each.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "min_tokens", "stop",
                     "stop_token_ids", "ignore_eos", "include_stop_str_in_output",
                     "skip_special_tokens", "spaces_between_special_tokens")
@@ -29,6 +31,8 @@ _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults t
 _INT64_MAX = 2**63 - 1
 # vLLM's stand-in for -inf: JSON has no infinities.
 _MIN_LOGPROB = -9999.0
+# Parallel samples per request: each is a request of its own on the workers.
+MAX_N = 64
 
 
 @dataclass
@@ -39,6 +43,19 @@ class ParsedRequest:
     include_usage: bool = False
     # vLLM's extension: each choice also carries the generated token ids.
     return_token_ids: bool = False
+    n: int = 1  # parallel samples, run as n requests sharing the prompt (and its cached KV)
+
+
+def sample_requests(parsed: ParsedRequest) -> list[ApiRequest]:
+    """The requests the backend runs for ``parsed``: itself, or one per sample when ``n > 1``
+    (ids ``<id>-<i>``; a seed moves by the sample's index, as vLLM's child requests do)."""
+    req = parsed.api
+    if parsed.n == 1:
+        return [req]
+    seed = req.sampling.get("seed")
+    return [dataclasses.replace(req, request_id=f"{req.request_id}-{i}",
+                                sampling={**req.sampling, "seed": None if seed is None else seed + i})
+            for i in range(parsed.n)]
 
 
 def _short(value: Any) -> str:
@@ -62,14 +79,23 @@ def _too_big(param: str, value: int) -> ApiError:
                          f"got {_short(value)}", param=param)
 
 
-def _common(body: dict, served_models: list[str]) -> tuple[str, bool, bool]:
-    """model, stream, include_usage; refuses OpenAI features this server lacks."""
+def model_of(body: dict, served_models: list[str]) -> str:
+    """The model a request names; it may be left out (or null) when one model is served."""
     model = body.get("model")
+    if model is None and len(served_models) == 1:
+        return served_models[0]
     if not isinstance(model, str) or not model:
-        raise _bad("model", "a model name (string)", model)
+        raise _bad("model", "a model name (string)" + (" (several models are served)" if model is None else ""),
+                   model)
     if model not in served_models:
         raise ApiError(404, f"The model `{model}` does not exist. Served models: "
                             f"{', '.join(served_models)}", param="model", code="model_not_found")
+    return model
+
+
+def _common(body: dict, served_models: list[str]) -> tuple[str, bool, bool]:
+    """model, stream, include_usage; refuses OpenAI features this server lacks."""
+    model = model_of(body, served_models)
     stream = body.get("stream")
     stream = False if stream is None else stream
     if not isinstance(stream, bool):
@@ -138,6 +164,15 @@ def _sampling(body: dict, kind: str, limits: ApiLimits) -> dict:
     if any(t > _INT64_MAX for t in sampling["stop_token_ids"]):
         raise _too_big("stop_token_ids", max(sampling["stop_token_ids"]))
     return sampling
+
+
+def _n(body: dict) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise _bad("n", f"an integer in [1, {MAX_N}]", n)
+    return n
 
 
 def _content(content: Any, param: str, images: list[tuple[Any, str]]) -> str | list[dict]:
@@ -211,7 +246,7 @@ async def parse_chat(body: dict, served_models: list[str], limits: ApiLimits,
     req = ApiRequest(request_id=request_id, model=model, kind="chat", messages=messages,
                      prompt=None, prompt_token_ids=None, images=images, sampling=sampling,
                      stream=stream, add_generation_prompt=agp, arrival_time=arrival_time)
-    return ParsedRequest(req, include_usage, _flag(body, "return_token_ids"))
+    return ParsedRequest(req, include_usage, _flag(body, "return_token_ids"), _n(body))
 
 
 def _flag(body: dict, name: str) -> bool:
@@ -247,7 +282,59 @@ def parse_completion(body: dict, served_models: list[str], limits: ApiLimits,
     req = ApiRequest(request_id=request_id, model=model, kind="completion", messages=None,
                      prompt=prompt, prompt_token_ids=prompt_ids, images=[], sampling=sampling,
                      stream=stream, arrival_time=arrival_time)
-    return ParsedRequest(req, include_usage, _flag(body, "return_token_ids"))
+    return ParsedRequest(req, include_usage, _flag(body, "return_token_ids"), _n(body))
+
+
+# ---- /tokenize, /detokenize (vLLM's shapes) ----------------------------------------------
+
+@dataclass
+class TokenizeCall:
+    """A validated /tokenize body: a chat (``messages``, image parts standing for ``images``)
+    or a completion ``prompt``. ``add_special_tokens`` None: as the engine admits the request."""
+
+    model: str
+    messages: list[dict] | None
+    prompt: str | None
+    images: list[bytes]
+    add_special_tokens: bool | None
+    add_generation_prompt: bool
+
+
+async def parse_tokenize(body: dict, served_models: list[str], limits: ApiLimits,
+                         resolver: ImageResolver) -> TokenizeCall:
+    check_json_tree(body)
+    model = model_of(body, served_models)
+    if ("messages" in body) == ("prompt" in body):
+        raise ApiError(400, "give either messages (a chat) or prompt (a completion)", param="prompt")
+    special = body.get("add_special_tokens")
+    if special is not None and not isinstance(special, bool):
+        raise _bad("add_special_tokens", "a boolean", special)
+    if body.get("return_token_strs"):
+        raise ApiError(400, "return_token_strs is not supported by this server", param="return_token_strs")
+    agp = body.get("add_generation_prompt", True)
+    if not isinstance(agp, bool):
+        raise _bad("add_generation_prompt", "a boolean", agp)
+    if "prompt" in body:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise _bad("prompt", "a non-empty string", prompt)
+        return TokenizeCall(model, None, prompt, [], special, agp)
+    messages, refs = _messages(body)
+    if len(refs) > limits.max_images_per_request:
+        raise ApiError(400, f"at most {limits.max_images_per_request} images per request, "
+                            f"got {len(refs)}", param="messages")
+    images = [await resolver.resolve(ref, i, where) for i, (ref, where) in enumerate(refs)]
+    return TokenizeCall(model, messages, None, images, special, agp)
+
+
+def parse_detokenize(body: dict, served_models: list[str]) -> tuple[str, list[int]]:
+    """(model, token ids) of a /detokenize body."""
+    check_json_tree(body)
+    model = model_of(body, served_models)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) and 0 <= t <= _INT64_MAX for t in tokens):
+        raise _bad("tokens", "a list of token ids (integers >= 0)", tokens)
+    return model, tokens
 
 
 # ---- responses ---------------------------------------------------------------------------
@@ -257,7 +344,10 @@ def _logprob(value: float) -> float:
 
 
 class ResponseBuilder:
-    """Builds one request's response body, or its SSE chunks one delta at a time."""
+    """Builds one request's response body, or its SSE chunks one delta at a time.
+
+    With ``n > 1`` each sample is a choice with its ``index``; usage counts the prompt once and
+    sums the samples' completion tokens (vLLM's convention)."""
 
     def __init__(self, parsed: ParsedRequest, created: int | None = None):
         req = parsed.api
@@ -269,13 +359,13 @@ class ResponseBuilder:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + req.request_id
         self.model = req.model
         self.created = int(time.time()) if created is None else created
-        self._sent_role = False
-        self._text_offset = 0  # completions' text_offset runs across chunks
+        self._sent_role: set[int] = set()  # choices whose first chunk went out
+        self._text_offset: dict[int, int] = {}  # completions' text_offset runs across a choice's chunks
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def _logprobs(self, entries: list[dict] | None) -> dict | None:
+    def _logprobs(self, entries: list[dict] | None, index: int = 0) -> dict | None:
         if not self.want_logprobs:
             return None
         entries = entries or []
@@ -286,9 +376,11 @@ class ResponseBuilder:
             return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.get("top", [])[:self.top_n]]}
                                 for e in entries]}
         offsets = []
+        offset = self._text_offset.get(index, 0)
         for e in entries:
-            offsets.append(self._text_offset)
-            self._text_offset += len(e["token"])
+            offsets.append(offset)
+            offset += len(e["token"])
+        self._text_offset[index] = offset
         return {"tokens": [e["token"] for e in entries],
                 "token_logprobs": [_logprob(e["logprob"]) for e in entries],
                 "top_logprobs": [{t["token"]: _logprob(t["logprob"]) for t in e.get("top", [])[:self.top_n]}
@@ -296,24 +388,26 @@ class ResponseBuilder:
                 "text_offset": offsets}
 
     @staticmethod
-    def usage(delta: ApiDelta) -> dict:
-        return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
-                "total_tokens": delta.prompt_tokens + delta.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": delta.cached_tokens}}
+    def usage(last: ApiDelta | list[ApiDelta]) -> dict:
+        """Usage from each sample's last delta: the prompt once, the completions summed."""
+        lasts = last if isinstance(last, list) else [last]
+        prompt, completion = lasts[0].prompt_tokens, sum(d.completion_tokens for d in lasts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": lasts[0].cached_tokens}}
 
-    def chunk(self, delta: ApiDelta) -> dict | None:
-        """The SSE chunk for one delta; None when it carries nothing to show."""
+    def chunk(self, delta: ApiDelta, index: int = 0) -> dict | None:
+        """The SSE chunk for one delta of choice ``index``; None when it carries nothing to show."""
         if not (delta.text or delta.logprobs or delta.finish_reason or (self.token_ids and delta.token_ids)):
             return None
-        choice: dict[str, Any] = {"index": 0}
+        choice: dict[str, Any] = {"index": index}
         if self.chat:
             choice["delta"] = {"content": delta.text} if delta.text else {}
-            if not self._sent_role:  # the first chunk says who speaks
+            if index not in self._sent_role:  # a choice's first chunk says who speaks
                 choice["delta"] = {"role": "assistant", "content": delta.text}
-                self._sent_role = True
+                self._sent_role.add(index)
         else:
             choice["text"] = delta.text
-        choice["logprobs"] = self._logprobs(delta.logprobs)
+        choice["logprobs"] = self._logprobs(delta.logprobs, index)
         choice["finish_reason"] = delta.finish_reason
         if self.token_ids:
             choice["token_ids"] = list(delta.token_ids)
@@ -323,27 +417,34 @@ class ResponseBuilder:
             out["usage"] = None  # OpenAI: null on every chunk but the usage one
         return out
 
-    def usage_chunk(self, last: ApiDelta) -> dict:
-        """The chunk after the last one when stream_options.include_usage is set."""
+    def usage_chunk(self, last: ApiDelta | list[ApiDelta]) -> dict:
+        """The chunk after the last one when stream_options.include_usage is set
+        (``last``: each sample's last delta)."""
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
                 "choices": [], "usage": self.usage(last)}
 
     def response(self, deltas: list[ApiDelta]) -> dict:
         """The non-streaming body for all of a request's deltas (usually one)."""
-        last = deltas[-1]
-        text = "".join(d.text for d in deltas)
-        entries = [e for d in deltas for e in (d.logprobs or [])]
-        choice: dict[str, Any] = {"index": 0}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choice["logprobs"] = self._logprobs(entries)
-        choice["finish_reason"] = last.finish_reason
-        if self.token_ids:
-            choice["token_ids"] = [t for d in deltas for t in d.token_ids]
+        return self.response_n([deltas])
+
+    def response_n(self, samples: list[list[ApiDelta]]) -> dict:
+        """The non-streaming body of ``n`` samples: each one's deltas, in choice order."""
+        choices = []
+        for index, deltas in enumerate(samples):
+            text = "".join(d.text for d in deltas)
+            entries = [e for d in deltas for e in (d.logprobs or [])]
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choice["logprobs"] = self._logprobs(entries, index)
+            choice["finish_reason"] = deltas[-1].finish_reason
+            if self.token_ids:
+                choice["token_ids"] = [t for d in deltas for t in d.token_ids]
+            choices.append(choice)
         return {**self._head("chat.completion" if self.chat else "text_completion"),
-                "choices": [choice], "usage": self.usage(last)}
+                "choices": choices, "usage": self.usage([d[-1] for d in samples])}
 
 
 def dumps(obj: Any) -> bytes:

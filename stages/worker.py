@@ -27,6 +27,7 @@ import torch
 from bus import messages as m
 from bus.sampling_params import SamplingParams
 from bus.sockets import AsyncSocket
+from stages import tokenize_service
 from stages.engine.config import EngineConfig
 from stages.engine.handoff import Handoff, HandoffImage
 from stages.engine.llm_engine import LLMEngine
@@ -127,7 +128,8 @@ class StageWorker(PeerCacheMixin):
     async def _recv_loop(self) -> None:
         handlers = {m.GenerateRequest: self._generate, m.EncodeRequest: self._encode,
                     m.DecodeRequest: self._decode, m.AbortRequest: self._abort, m.ReleaseKv: self._release,
-                    m.PrefixExport: self._export_prefix, m.PrefixAnswer: self._prefix_answer}
+                    m.PrefixExport: self._export_prefix, m.PrefixAnswer: self._prefix_answer,
+                    m.TokenizeRequest: self._tokenize, m.DetokenizeRequest: self._detokenize}
         while True:
             _, msg = await self.sock.recv()
             handler = handlers.get(type(msg))
@@ -185,6 +187,14 @@ class StageWorker(PeerCacheMixin):
             return
         used = await self.threads.call(lambda e: e.submit(req, prefix))
         self.counters["kv_prefix_blocks_fetched"] += used // self.engine.config.block_size
+
+    async def _tokenize(self, msg: m.TokenizeRequest) -> None:
+        ids = await self.threads.call(lambda e: tokenize_service.tokenize(e, msg))
+        await self.sock.send(m.Tokenized(msg.request_id, token_ids=ids))
+
+    async def _detokenize(self, msg: m.DetokenizeRequest) -> None:
+        text = await self.threads.call(lambda e: tokenize_service.detokenize(e, msg.token_ids))
+        await self.sock.send(m.Tokenized(msg.request_id, text=text))
 
     async def _encode(self, msg: m.EncodeRequest) -> None:
         prepared = await self.threads.call(lambda e: e.encode_images(msg.images))

@@ -187,7 +187,7 @@ _BAD_SAMPLING = {
     "presence_penalty": _NUM[:-1] + ["3", "-2.5"],
     "frequency_penalty": _NUM[:-1] + ["2.01", "-7"],
     "repetition_penalty": _NUM[:-1] + ["0", "-1"],
-    "n": _INT + ["0", "2", "1.0"],
+    "n": _INT + ["0", "65", "1.0"],
     "max_tokens": _INT + ["0", "-1", str(10 ** 9), str(2 ** 63 - 1)],
     "min_tokens": _INT + ["-1", "100"],  # the base asks for at most 4 tokens
     "stop": ["3", "[3]", "\"\"", "[\"\"]", "{}", "[[]]", "[null]", "true", "[\"\\udfff\"]"],
@@ -195,7 +195,7 @@ _BAD_SAMPLING = {
                        "[true]"],
     "ignore_eos": _BOOL, "skip_special_tokens": _BOOL, "include_stop_str_in_output": _BOOL,
     "spaces_between_special_tokens": _BOOL, "stream": _BOOL, "return_token_ids": _BOOL,
-    "model": ["null", "3", "\"\"", "[]", "{}", "true", "\"no-such-model\"", "\"\\u00e9\\u6f22\"",
+    "model": ["3", "\"\"", "[]", "{}", "true", "\"no-such-model\"", "\"\\u00e9\\u6f22\"",
               "\"\\ud800\"", "\"tiny-llava\\u0000\""],
 }
 _BAD_CHAT = {

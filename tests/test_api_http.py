@@ -286,7 +286,7 @@ ERROR_CASES = [
     ("/v1/chat/completions", chat_body(temperature="x"), 400, "temperature", "must be a number"),
     ("/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens", "at least 1"),
     ("/v1/chat/completions", chat_body(max_tokens=-5), 400, "max_tokens", "at least 1"),
-    ("/v1/chat/completions", chat_body(n=3), 400, "n", "n must be 1"),
+    ("/v1/chat/completions", chat_body(n=65), 400, "n", "n must be an integer in [1, 64]"),
     ("/v1/chat/completions", {**chat_body(), "model": "gpt-9"}, 404, "model", "gpt-9"),
     ("/v1/chat/completions",
      images_body({"type": "text", "text": "x"},

@@ -104,7 +104,7 @@ def test_max_tokens_cap_clamps():
 
 
 @pytest.mark.parametrize("body, param, text", [
-    ({"model": None}, "model", "model must be"),
+    ({"model": 5}, "model", "model must be"),
     ({"model": 3}, "model", "model must be"),
     ({"messages": None}, "messages", "messages must be a non-empty list"),
     ({"messages": []}, "messages", "messages must be a non-empty list"),
@@ -123,7 +123,7 @@ def test_max_tokens_cap_clamps():
     ({"temperature": "hot"}, "temperature", "temperature must be a number, got 'hot'"),
     ({"temperature": -1}, "temperature", "temperature must be >= 0"),
     ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
-    ({"n": 2}, "n", "n must be 1"),
+    ({"n": 0}, "n", "n must be an integer in [1, 64]"),
     ({"stop": 3}, "stop", "stop must be"),
     ({"seed": 1.5}, "seed", "seed must be an integer"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "min_tokens must be <= max_tokens"),
