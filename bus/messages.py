@@ -76,6 +76,17 @@ class HandoffHeader:
 
 
 @struct
+class Resume:
+    """What a client has already been sent of a request whose worker died: the new worker
+    recomputes the KV of prompt + ``token_ids`` and continues from there (a seeded sampler
+    first replays one draw per token, so it draws what the dead worker would have drawn)."""
+
+    token_ids: list[int]
+    text_len: int  # characters of the answer already sent
+    cumulative_logprob: float | None = None
+
+
+@struct
 class TopLogprob:
     token_id: int
     token: str
@@ -200,6 +211,24 @@ class PrefixExported:
     num_blocks: int
 
 
+@message(12)
+class PullFailed:
+    """A pull from ``holder`` failed or timed out: the router suspects that worker."""
+
+    request_id: str
+    holder: dict[str, str]
+    reason: str = ""
+
+
+@message(13)
+class WorkerGaveUp:
+    """From a supervisor (``epd-serve``): it stopped restarting a crash-looping worker."""
+
+    worker_id: str
+    restarts: int
+    reason: str = ""
+
+
 @message(19)
 class Tokenized:
     """The answer to a ``TokenizeRequest`` (``token_ids``) or a ``DetokenizeRequest`` (``text``)."""
@@ -232,6 +261,7 @@ class GenerateRequest:
     # (holder dead or evicted). A ref with an empty ``content_hash`` means "encode it here".
     image_refs: list[ImageRef] = field(default_factory=list)
     prefill_only: bool = False
+    resume: Resume | None = None  # continue a request whose worker died (never with prefill_only)
 
 
 @message(22)
@@ -269,6 +299,15 @@ class PrefixAnswer:
     key: str
     holder: dict[str, str]
     num_blocks: int
+
+
+@message(27)
+class Ping:
+    """The router's sign of life, sent to every worker twice a second. A worker that hears
+    nothing for a while reconnects and registers again; a new ``router_id`` means the router
+    restarted: what the worker ran for the old one is aborted."""
+
+    router_id: str
 
 
 @message(38)

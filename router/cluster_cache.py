@@ -30,7 +30,8 @@ from transfer.hash_keys import image_bytes_key, prefix_key
 
 
 class ClusterCacheMixin:
-    """Needs from its host: ``registry``, ``policy``, ``flights``, ``sock``, ``_to`` and ``_send_quiet``."""
+    """Needs from its host: ``registry``, ``policy``, ``flights``, ``sock``, ``recoveries``, ``_to``,
+    ``_flight_of``, ``_generate_msg`` and ``_send_quiet``."""
 
     def _init_cluster_cache(self, enabled: bool) -> None:
         self.index = ClusterIndex()
@@ -44,8 +45,9 @@ class ClusterCacheMixin:
     # ---- the E stage --------------------------------------------------------------------------
     async def _encode_stage(self, flight) -> list[m.ImageRef]:
         """One ref per image of the request: from the cluster index, from an encode already under
-        way for another request, or from an encode of the rest sent now. An image whose other
-        request's encode failed gets an empty ref: the prefill worker encodes it."""
+        way for another request, or from an encode of the rest sent now. An image whose encode
+        failed with a worker (dead encoder, 503) gets an empty ref: the prefill worker encodes it;
+        only a bad image (4xx) fails the request."""
         req = flight.req
         if self.cluster_cache:
             keys = [image_bytes_key(b) for b in req.images]
@@ -69,20 +71,26 @@ class ClusterCacheMixin:
                 fut.add_done_callback(_retrieve)
             try:
                 worker = await self._to(flight, "encode",
-                                        m.EncodeRequest(req.request_id, [req.images[i] for i in todo.values()]))
+                                        m.EncodeRequest(flight.wire_id, [req.images[i] for i in todo.values()]),
+                                        wait=False)  # no encoder now: the prefill worker encodes
             except ApiError as e:
                 for k in todo:
                     self._settle(k, error=e)
-                raise
-            self.encode_jobs[req.request_id] = (worker.worker_id, list(todo))
+                if e.status < 500:
+                    raise
+                worker = None  # no encoder after all: the prefill worker encodes
+            if worker is not None:
+                self.encode_jobs[flight.wire_id] = (worker.worker_id, list(todo))
         got: dict[str, m.ImageRef | None] = {}
         for k, fut in {**waits, **mine}.items():
             try:
                 got[k] = await fut
-            except ApiError:
+            except ApiError as e:
+                if k in todo and e.status < 500:
+                    raise  # this request's own image is bad: its error is the answer
+                got[k] = None  # the encode failed with a worker: the prefill worker encodes it
                 if k in todo:
-                    raise  # this request's own encode failed: its error is the answer
-                got[k] = None  # another request's encode failed: the prefill worker encodes it
+                    self.recoveries["encode"] += 1
         return [ref or got.get(k) or m.ImageRef("", 0, None, {}) for k, ref in zip(keys, refs)]
 
     def _settle(self, key: str, ref: m.ImageRef | None = None, error: Exception | None = None) -> None:
@@ -94,16 +102,18 @@ class ClusterCacheMixin:
                 fut.set_result(ref)
 
     async def _dispatch_first(self, flight) -> None:
-        req = flight.req
+        """Start a request from its prompt (first dispatch, or a recovery before any output)."""
+        req, reg = flight.req, self.registry
         if req.model not in self.served_models:
             raise ApiError(404, f"the model {req.model!r} does not exist", code="model_not_found")
-        if self.registry.alive("mixed") and not self.registry.alive("prefill"):
-            await self._to(flight, "mixed", self._generate_msg(req, prefill_only=False))
-        elif req.images and self.registry.alive("encode"):
-            refs = await self._encode_stage(flight)
-            await self._to(flight, "prefill", self._generate_msg(req, True, refs))
+        has = {r: bool(reg.alive(r) or reg.may_return(r)) for r in ("mixed", "prefill")}
+        if has["mixed"] and not has["prefill"]:
+            await self._to(flight, "mixed", self._generate_msg(flight, prefill_only=False))
+        elif req.images and reg.alive("encode"):
+            flight.refs = await self._encode_stage(flight)
+            await self._to(flight, "prefill", self._generate_msg(flight, True, flight.refs))
         else:
-            await self._to(flight, "prefill", self._generate_msg(req, prefill_only=True))
+            await self._to(flight, "prefill", self._generate_msg(flight, prefill_only=True))
 
     # ---- worker messages ----------------------------------------------------------------------
     async def _on_cache_message(self, wid: str, rec: WorkerRecord | None, msg) -> bool:
@@ -165,7 +175,7 @@ class ClusterCacheMixin:
         alive = {w.worker_id for w in self.registry.workers.values() if w.alive and w.role != "encode"}
         holders, n = self.index.longest_prefix(q.block_hashes, wid, alive)
         if n > q.local_blocks and self.cluster_cache:
-            flight = self.flights.get(q.request_id)
+            flight, _ = self._flight_of(q.request_id)
             holder = self.policy.choose("kv_holder", [self.registry.workers[h] for h in holders],
                                         flight.req if flight else None)
             key = prefix_key(q.request_id, uuid.uuid4().hex[:8])

@@ -1,8 +1,16 @@
 """Which workers exist, what they are, how loaded, and whether they still live.
 
 A worker is known from its ready message; any message from it counts as a
-sign of life; silence past ``heartbeat_timeout`` makes it dead. A worker that
-re-registers with a new incarnation is a new peer (it lost all its state).
+sign of life. Its state:
+
+    alive --(a missed heartbeat, or a peer's failed pull against it)--> suspect
+    suspect --(any message; a pull report holds it ``suspect_hold_s``)--> alive
+    alive / suspect --(silence past ``heartbeat_timeout``, or its connection gone)--> dead
+
+Suspect workers get no new work; dead ones lose everything they held. A worker
+that registers again with a new incarnation is a new peer (it restarted and lost
+all its state); with the same incarnation it is the same peer finding a
+restarted router. A supervisor may declare a worker given up (crash loop).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ class WorkerRecord:
     transfer_pulls: dict[str, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)  # bus.messages.CACHE_COUNTERS
     in_flight: set[str] = field(default_factory=set)  # request ids the router has sent here
+    suspect_until: float = 0.0  # a peer reported a failed pull against it: no new work until then
+    suspect_why: str = ""
 
     @property
     def worker_id(self) -> str:
@@ -44,16 +54,44 @@ class WorkerRecord:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout: float = 5.0):
+    def __init__(self, heartbeat_timeout: float = 5.0, suspect_after: float | None = None,
+                 suspect_hold_s: float | None = None):
         self.heartbeat_timeout = heartbeat_timeout
+        # Heartbeats come every second: two missed make a worker suspect.
+        self.suspect_after = suspect_after if suspect_after is not None else min(2.5, heartbeat_timeout / 2)
+        self.suspect_hold_s = suspect_hold_s if suspect_hold_s is not None else heartbeat_timeout
         self.workers: dict[str, WorkerRecord] = {}
+        self.restarts: dict[str, int] = {}  # worker id -> registrations with a new incarnation
+        self.given_up: dict[str, str] = {}  # worker id -> why its supervisor stopped restarting it
 
-    def register(self, info: WorkerInfo) -> WorkerRecord | None:
-        """Add (or replace) a worker; returns the record it replaced, if any."""
+    def register(self, info: WorkerInfo) -> tuple[WorkerRecord, WorkerRecord | None]:
+        """Add (or replace) a worker: (its record, the record of an older incarnation it replaced).
+
+        The same incarnation again (the worker reconnected) keeps its record and brings it back."""
         old = self.workers.get(info.worker_id)
-        self.workers[info.worker_id] = WorkerRecord(info, time.monotonic(),
-                                                    kv_blocks_total=info.num_kv_blocks)
-        return old
+        now = time.monotonic()
+        if old is not None and old.info.incarnation == info.incarnation:
+            old.info, old.last_seen, old.alive = info, now, True
+            return old, None
+        if old is not None:
+            self.restarts[info.worker_id] = self.restarts.get(info.worker_id, 0) + 1
+        self.given_up.pop(info.worker_id, None)
+        rec = self.workers[info.worker_id] = WorkerRecord(info, now, kv_blocks_total=info.num_kv_blocks)
+        return rec, old
+
+    def state(self, rec: WorkerRecord, now: float | None = None) -> str:
+        """"alive", "suspect" or "dead"."""
+        if not rec.alive:
+            return "dead"
+        now = time.monotonic() if now is None else now
+        if now < rec.suspect_until or now - rec.last_seen > self.suspect_after:
+            return "suspect"
+        return "alive"
+
+    def suspect(self, rec: WorkerRecord, why: str) -> None:
+        """A peer could not pull from ``rec``: no new work for it for ``suspect_hold_s``."""
+        rec.suspect_until = time.monotonic() + self.suspect_hold_s
+        rec.suspect_why = why
 
     def seen(self, worker_id: str) -> WorkerRecord | None:
         rec = self.workers.get(worker_id)
@@ -63,8 +101,9 @@ class Registry:
 
     def heartbeat(self, hb: Heartbeat) -> WorkerRecord | None:
         rec = self.workers.get(hb.worker_id)
-        if rec is None or rec.info.incarnation != hb.incarnation or not rec.alive:
+        if rec is None or rec.info.incarnation != hb.incarnation:
             return None
+        rec.alive = True  # declared dead while only slow: back, holding nothing of before
         rec.last_seen = time.monotonic()
         rec.running, rec.waiting = hb.running, hb.waiting
         rec.kv_blocks_used, rec.kv_blocks_total = hb.kv_blocks_used, hb.kv_blocks_total
@@ -84,7 +123,15 @@ class Registry:
         return dead
 
     def alive(self, role: str) -> list[WorkerRecord]:
-        return [w for w in self.workers.values() if w.alive and w.role == role]
+        """Workers of ``role`` that may take new work (neither suspect nor dead)."""
+        now = time.monotonic()
+        return [w for w in self.workers.values() if w.role == role and self.state(w, now) == "alive"]
+
+    def may_return(self, role: str) -> list[WorkerRecord]:
+        """Workers of ``role`` not serving now that may still come back (not given up)."""
+        now = time.monotonic()
+        return [w for w in self.workers.values()
+                if w.role == role and self.state(w, now) != "alive" and w.worker_id not in self.given_up]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -6,28 +6,63 @@ Prints the URL once ``GET /health`` answers 200 (every configured worker has
 registered) and stops every process on Ctrl-C or SIGTERM. With no model it
 builds the tiny LLaVA (random weights, local tokenizer) and serves it in
 1e1p1d. This module only starts processes: it imports neither torch nor stages.
+
+Supervision: a process that exits is started again (same command line, so the
+same role and device; a worker comes back as a new incarnation) after a pause
+that doubles per recent restart up to ``RESTART_MAX_S``. One that exits
+``GIVE_UP_RESTARTS`` times within ``GIVE_UP_WINDOW_S`` is given up (logged and
+told to the router: ``/health`` detail and ``/metrics`` show it) while the rest
+keep serving. Children die with ``epd-serve``: a parent-death signal (Linux
+``PR_SET_PDEATHSIG``), and workers also watch their parent. A second Ctrl-C
+during the stop kills what is left at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import deque
 from pathlib import Path
 
 import yaml
+
+log = logging.getLogger("epd.serve")
+RESTART_BASE_S = 0.5  # pause before the first restart; doubles per restart in the window
+RESTART_MAX_S = 10.0
+GIVE_UP_RESTARTS = 5  # this many restarts within the window: crash loop, given up
+GIVE_UP_WINDOW_S = 120.0
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with(parent: int):
+    """preexec_fn: the child gets SIGTERM when ``parent`` (this process) dies, even by SIGKILL."""
+    prctl = _LIBC.prctl if _LIBC is not None else None  # looked up here: nothing to load after fork
+
+    def setup():
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return setup
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "1e1p1d.yaml"
 API_FLAGS = {"max_body_mb": "--max-body-mb", "max_images": "--max-images", "max_image_pixels": "--max-image-pixels",
              "remote_images": "--remote-images", "allowed_domains": "--allowed-domains",
-             "heartbeat_timeout": "--heartbeat-timeout"}
+             "heartbeat_timeout": "--heartbeat-timeout", "retry_budget": "--retry-budget",
+             "worker_wait_s": "--worker-wait"}
 ENGINE_FLAGS = {"dtype": "--dtype", "device": "--device", "kv_cache_memory_gb": "--kv-cache-memory-gb",
                 "num_kv_blocks": "--num-kv-blocks", "max_num_seqs": "--max-num-seqs", "block_size": "--block-size",
                 "max_num_batched_tokens": "--max-num-batched-tokens", "max_model_len": "--max-model-len",
@@ -108,6 +143,10 @@ class Deployment:
         self.extra_router_args = list(extra_router_args)
         self.procs: dict[str, subprocess.Popen] = {}
         self.argv: dict[str, tuple[list[str], dict | None]] = {}
+        self.restarts: dict[str, deque[float]] = {}  # name -> recent restart times
+        self.pending: dict[str, float] = {}  # name -> when to start it again
+        self.given_up: set[str] = set()
+        self._stopping = False
 
     @property
     def url(self) -> str:
@@ -119,8 +158,11 @@ class Deployment:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
+        env = {**os.environ, **(env or {}), "EPD_PARENT_PID": str(os.getpid())}
         self.procs[name] = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                            env={**os.environ, **(env or {})}, start_new_session=True)
+                                            env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()))
+        if out is not None:
+            out.close()  # the child holds its own descriptor
 
     def _workers(self) -> list[tuple[str, list[str]]]:
         engine = dict(self.cfg.get("engine") or {})
@@ -198,7 +240,7 @@ class Deployment:
 
     def kill(self, name: str) -> None:
         """Kill one process outright (fault tests)."""
-        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self._reap(self.procs[name])
         self.procs[name].wait()
 
     def restart(self, name: str) -> None:
@@ -207,8 +249,62 @@ class Deployment:
             self.kill(name)
         self._spawn(name, *self.argv[name])
 
+    # ---- supervision -----------------------------------------------------------------------
+    def supervise(self) -> None:
+        """One pass: start again what exited (after its backoff pause); give up on crash loops."""
+        now = time.monotonic()
+        for name, p in list(self.procs.items()):
+            if self._stopping or name in self.given_up or p.poll() is None:
+                continue
+            if name in self.pending:
+                if now >= self.pending[name]:
+                    del self.pending[name]
+                    self._spawn(name, *self.argv[name])
+                    log.warning("%s started again (pid %d)", name, self.procs[name].pid)
+                continue
+            self._reap(p)
+            recent = self.restarts.setdefault(name, deque())
+            while recent and now - recent[0] > GIVE_UP_WINDOW_S:
+                recent.popleft()
+            if len(recent) >= GIVE_UP_RESTARTS:
+                self.given_up.add(name)
+                why = f"exited {len(recent) + 1} times within {GIVE_UP_WINDOW_S:.0f} s (last code {p.returncode})"
+                log.error("%s %s; giving up on it, the rest keep serving", name, why)
+                self._tell_router(name, len(recent), why)
+                continue
+            pause = min(RESTART_MAX_S, RESTART_BASE_S * 2 ** len(recent))
+            recent.append(now)
+            self.pending[name] = now + pause
+            log.warning("%s exited with code %s; starting it again in %.1f s", name, p.returncode, pause)
+
+    def _reap(self, p: subprocess.Popen) -> None:
+        """Whatever the dead child left in its process group goes with it."""
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _tell_router(self, name: str, restarts: int, why: str) -> None:
+        if name == "router":
+            return
+        try:
+            from bus import messages as m
+            from bus.sockets import SyncSocket
+
+            with SyncSocket("dealer", self.worker_addr, bind=False, identity=b"epd-serve") as sock:
+                sock.send(m.WorkerGaveUp(name, restarts, why))
+                time.sleep(0.2)  # LINGER is 0: let the message leave before the socket closes
+        except Exception:  # noqa: BLE001 - the log has it anyway
+            log.exception("telling the router that %s is given up", name)
+
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM everything, then SIGKILL what has not exited within ``grace`` seconds."""
+        """SIGTERM everything, then SIGKILL what has not exited within ``grace`` seconds.
+
+        A signal that arrives meanwhile (a second Ctrl-C) kills what is left at once."""
+        self._stopping = True
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self.kill_now())
         for p in self.procs.values():
             if p.poll() is None:
                 try:
@@ -220,8 +316,22 @@ class Deployment:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                pass
+        self._kill_all()
+
+    def kill_now(self) -> None:
+        """SIGKILL every child's process group (safe in a signal handler: no waiting)."""
+        self._stopping = True
+        for p in self.procs.values():
+            self._reap(p)
+
+    def _kill_all(self) -> None:
+        self.kill_now()
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
 
     def __enter__(self) -> "Deployment":
         self.start()
@@ -243,22 +353,20 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     model = args.model or cfg.get("model") or default_model()
     dep = Deployment(cfg, model, args.host, args.port, transfer=args.transfer)
-    stopping = []
-
     def on_signal(signum, _frame):
-        stopping.append(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second one during the stop: kill at once
+            signal.signal(sig, lambda *_: dep.kill_now())
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s epd-serve %(levelname)s %(message)s")
     try:
         url = dep.start(args.timeout)
         print(f"epd is serving {dep.name} at {url}  (SDK: {dep.client_addr})", flush=True)
         while True:
-            for name, p in dep.procs.items():
-                if p.poll() is not None:
-                    print(f"{name} exited with code {p.returncode}; stopping", file=sys.stderr)
-                    return 1
-            time.sleep(1)
+            dep.supervise()
+            time.sleep(0.2)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--expect", default="", help="workers /health waits for, e.g. encode=1,prefill=1,decode=1")
     ap.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES))
     ap.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    ap.add_argument("--retry-budget", type=int, default=2,
+                    help="times one request may be moved off a failed worker before it fails")
+    ap.add_argument("--worker-wait", type=float, default=60.0,
+                    help="seconds a request waits for a worker of a role none is left of to come back")
     ap.add_argument("--max-body-mb", type=float, default=32)
     ap.add_argument("--max-images", type=int, default=8)
     ap.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
@@ -59,7 +63,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                        allowed_domains=tuple(d for d in args.allowed_domains.split(",") if d))
     api_metrics = ApiMetrics()
     core = RouterCore([args.served_model_name], make_policy(args.policy), parse_expect(args.expect),
-                      args.heartbeat_timeout, WorkerMetrics(api_metrics), cluster_cache=args.cluster_cache)
+                      args.heartbeat_timeout, WorkerMetrics(api_metrics), cluster_cache=args.cluster_cache,
+                      retry_budget=args.retry_budget, worker_wait_s=args.worker_wait)
     await core.start(args.worker_addr, args.control_addr)
     front = ClientFront(core, limits)
     await front.start(args.client_addr)

@@ -102,6 +102,12 @@ class WorkerMetrics:
         self.alive = g("epd:workers_alive", "Workers registered and heartbeating.", ["role"])
         self.cache = {name: c(f"epd:{name}_total", doc, ["worker", "role"]) for name, doc in CACHE_COUNTERS.items()}
         self.index = g("epd:cluster_index_entries", "Entries in the router's cluster index, by kind.", ["kind"])
+        self.recoveries = c("epd:request_recoveries_total", "Requests moved off a failed worker, by the "
+                            "stage that failed (encode: the prefill worker encoded instead).", ["stage"])
+        self.states = g("epd:workers", "Registered workers by state (alive, suspect, dead, given_up).",
+                        ["role", "state"])
+        self.restarts = c("epd:worker_restarts_total", "Times a worker registered again with a new incarnation.",
+                          ["worker", "role"])
         self.router_cache = c("epd:cluster_cache_total", "Cluster-cache events seen by the router: images "
                               "served from an encode worker's cache or from another request's encode, "
                               "prefix queries and the ones another worker answered.", ["event"])
@@ -135,6 +141,18 @@ class WorkerMetrics:
             self.index.labels(kind=kind).set(n)
         for event, n in router_stats.items():
             self.router_cache.labels(event=event).set(n)
+
+    def update_resilience(self, registry, recoveries: dict[str, int]) -> None:
+        for stage in ("encode", "prefill", "decode", "mixed"):
+            self.recoveries.labels(stage=stage).set(recoveries.get(stage, 0))
+        counts: dict[tuple[str, str], int] = {}
+        for w in registry.workers.values():
+            state = "given_up" if w.worker_id in registry.given_up else registry.state(w)
+            counts[w.role, state] = counts.get((w.role, state), 0) + 1
+            self.restarts.labels(worker=w.worker_id, role=w.role).set(registry.restarts.get(w.worker_id, 0))
+        for role in ("encode", "prefill", "decode", "mixed"):
+            for state in ("alive", "suspect", "dead", "given_up"):
+                self.states.labels(role=role, state=state).set(counts.get((role, state), 0))
 
     def update_counts(self, counts: dict[str, int]) -> None:
         for role in ("encode", "prefill", "decode", "mixed"):

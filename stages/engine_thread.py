@@ -71,6 +71,9 @@ class EngineThread:
                 if not eng.has_unfinished_requests():
                     continue
                 outs = eng.step()
+                if eng.idle:  # waiting on blocks only a call can free: wait for it, do not spin
+                    self._drain(block=True)
+                    continue
                 handoffs = {o.request_id: eng.export_handoff(o.request_id) for o in outs if o.prefill_done}
                 if outs:
                     self.loop.call_soon_threadsafe(self.on_outputs, outs, handoffs)

@@ -27,7 +27,7 @@ PREFIX_ANSWER_TIMEOUT_S = 2.0  # past this, a prefix is computed here rather tha
 
 class PeerCacheMixin:
     """Needs from its host: ``engine``, ``transfer``, ``sock``, ``loop``, ``threads``, ``counters``,
-    ``embed_events``, ``prefix_answers``, ``published``, ``pull_timeout``, ``embed_dim``."""
+    ``embed_events``, ``prefix_answers``, ``published``, ``pull_timeout``, ``embed_dim``, ``_pull_failed``."""
 
     async def _cache_events(self) -> None:
         """Tell the router's cluster index what this worker's caches gained and lost."""
@@ -69,6 +69,7 @@ class PeerCacheMixin:
             try:
                 return await self._pull_embedding(ref)
             except TransferError as e:
+                await self._pull_failed(msg.request_id, ref.holder, e)
                 if raw is None:
                     raise
                 log.warning("request %s: image %d: %s; encoding it here", msg.request_id, i, e)
@@ -110,6 +111,8 @@ class PeerCacheMixin:
                                                   device=str(self.engine.device))
             return kv, tokens.cpu()
         except (TransferError, ValueError) as e:
+            if isinstance(e, TransferError):
+                await self._pull_failed(rid, ans.holder, e)
             log.warning("request %s: prefix pull failed (%s); computing it", rid, e)
             self.counters["kv_prefix_fetch_failures"] += 1
             return None

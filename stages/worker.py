@@ -6,6 +6,14 @@ load, and serves what the router sends. The engine runs in its own thread;
 this asyncio loop only moves messages and bytes. Every role loads the full
 model, so a later role switch needs no reload.
 
+The router pings twice a second. A worker that hears nothing from it for
+``ROUTER_SILENT_S`` reconnects and registers again (same incarnation), with a
+growing pause between tries, so a restarted router finds its workers back; a
+new router id in the pings aborts what the worker ran for the old router.
+SIGTERM drains for at most ``DRAIN_S`` and the process is gone within
+``EXIT_DEADLINE_S``; with ``EPD_PARENT_PID`` set (``epd-serve``) the worker
+also stops when that parent is gone.
+
 Content-hash caches shared across workers (embeddings by pixel hash, KV
 blocks by chained block hash) live in ``stages.peer_cache``, mixed in here.
 """
@@ -18,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -35,7 +44,7 @@ from stages.engine.outputs import RequestOutput
 from stages.engine_thread import EngineThread
 from stages.peer_cache import PeerCacheMixin
 from stages.wire import handoff_header, output_to_delta
-from transfer.base import TransferError
+from transfer.base import KeyNotFound, TransferError
 from transfer.content_cache import ContentCache
 from transfer.hash_keys import handoff_key
 from transfer.select import make_backend
@@ -43,6 +52,10 @@ from transfer.select import make_backend
 log = logging.getLogger("epd.stage")
 HEARTBEAT_S = 1.0
 ABORT_MEMORY_S = 120.0
+ROUTER_SILENT_S = 4.0  # no word from the router this long (it pings every 0.5 s): reconnect
+RECONNECT_MAX_S = 8.0  # cap of the pause between reconnects while the router stays away
+DRAIN_S = 3.0  # SIGTERM: running requests may finish this long
+EXIT_DEADLINE_S = 10.0  # SIGTERM: the process is gone by then, whatever hangs
 
 
 class StageWorker(PeerCacheMixin):
@@ -58,6 +71,11 @@ class StageWorker(PeerCacheMixin):
         self.pull_timeout = args.pull_timeout
         # Aborts can overtake the work they cancel (it may be pulling its KV): remember them a while.
         self.aborted: dict[str, float] = {}
+        self.router_id: str | None = None  # from the router's pings
+        self.stale: set[str] = set()  # requests running when the router went silent
+        self.heard = time.monotonic()  # when the router last said anything
+        parent = os.environ.get("EPD_PARENT_PID")
+        self.parent = int(parent) if parent and parent.isdigit() else None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -81,25 +99,82 @@ class StageWorker(PeerCacheMixin):
         self.threads = EngineThread(self.engine, self.loop, self._on_outputs)
         self.threads.start()
         eng = self.engine
-        info = m.WorkerInfo(self.worker_id, self.incarnation, self.role, a.model, str(eng.device),
-                            eng.max_model_len, eng.runner.num_blocks, cfg.block_size,
-                            bool(eng.runner.model.is_multimodal), self.transfer.card, os.getpid())
-        await self.sock.send(m.WorkerReady(info))
+        self.info = m.WorkerInfo(self.worker_id, self.incarnation, self.role, a.model, str(eng.device),
+                                 eng.max_model_len, eng.runner.num_blocks, cfg.block_size,
+                                 bool(eng.runner.model.is_multimodal), self.transfer.card, os.getpid())
+        await self.sock.send(m.WorkerReady(self.info))
+        self.heard = time.monotonic()
         log.info("%s ready (%s on %s)", self.worker_id, self.role, eng.device)
         tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeats()),
-                 asyncio.create_task(self._cache_events())]
+                 asyncio.create_task(self._cache_events()), asyncio.create_task(self._link())]
         if a.control:
             self.sub = AsyncSocket("sub", a.control, bind=False)
             tasks.append(asyncio.create_task(self._control_loop()))
         await self.done.wait()
+        await self._drain()
         for t in tasks:
             t.cancel()
         self.threads.stop()
-        await self.transfer.close()
+        try:
+            await asyncio.wait_for(self.transfer.close(), 3.0)
+        except (TimeoutError, Exception):  # noqa: BLE001 - leaving anyway
+            log.warning("the transfer backend did not close cleanly")
         self.sock.close()
 
     def stop(self) -> None:
+        """SIGTERM/SIGINT, a Shutdown broadcast, a dead engine or a gone parent: leave, boundedly."""
+        if not self.done.is_set():
+            # Whatever hangs below (a wedged transfer, a step that never ends), the process goes.
+            t = threading.Timer(EXIT_DEADLINE_S, os._exit, (1,))
+            t.daemon = True
+            t.start()
         self.done.set()
+
+    async def _drain(self) -> None:
+        """Let running requests finish for at most DRAIN_S while the router still listens."""
+        deadline = time.monotonic() + DRAIN_S
+        while (time.monotonic() < deadline and self.engine.has_unfinished_requests()
+               and time.monotonic() - self.heard < ROUTER_SILENT_S and self.threads.fatal is None):
+            await asyncio.sleep(0.1)
+
+    # ---- the router link ----------------------------------------------------------------------
+    async def _link(self) -> None:
+        """Reconnect and register again while the router is silent; stop when the parent is gone."""
+        pause = 1.0
+        while True:
+            await asyncio.sleep(0.5)
+            if self.parent is not None and os.getppid() != self.parent:
+                log.error("the parent process %d is gone; worker exits", self.parent)
+                self.stop()
+                return
+            if time.monotonic() - self.heard < ROUTER_SILENT_S:
+                pause = 1.0
+                continue
+            log.warning("no word from the router for %.0f s; registering again", time.monotonic() - self.heard)
+            # What runs now was sent by the router that went silent; a new one (its pings carry
+            # a new id) will not wait for it. Taken before registering: a new router sends work
+            # as soon as it has our WorkerReady, possibly before its first ping.
+            self.stale = await self.threads.call(lambda e: {*e.requests, *e.handoffs})
+            await self.sock.send(m.WorkerReady(self.info))  # the DEALER reconnects by itself
+            await asyncio.sleep(pause)  # its pings reset `heard` if it is back
+            pause = min(2 * pause, RECONNECT_MAX_S)
+
+    async def _ping(self, msg: m.Ping) -> None:
+        stale, self.stale = self.stale, set()
+        if self.router_id is not None and stale:
+            # A new router: nobody waits for what this worker ran for the old one.
+            log.warning("the router restarted; aborting %d request(s) of the old one", len(stale))
+            await self.threads.call(lambda e: [e.abort_request(r) for r in stale])
+        self.router_id = msg.router_id
+
+    async def _pull_failed(self, rid: str, holder: dict, err: Exception) -> None:
+        """Tell the router a peer did not deliver: it stops sending that peer work until it is sure."""
+        if isinstance(err, KeyNotFound):  # the peer answered: it only no longer holds the key
+            return
+        try:
+            await self.sock.send(m.PullFailed(rid, holder, f"{type(err).__name__}: {err}"))
+        except Exception:  # noqa: BLE001 - best effort
+            log.exception("reporting a failed pull")
 
     # ---- loops ------------------------------------------------------------------------------
     async def _heartbeats(self) -> None:
@@ -132,6 +207,13 @@ class StageWorker(PeerCacheMixin):
                     m.TokenizeRequest: self._tokenize, m.DetokenizeRequest: self._detokenize}
         while True:
             _, msg = await self.sock.recv()
+            self.heard = time.monotonic()
+            if isinstance(msg, m.Ping):
+                if msg.router_id != self.router_id:
+                    asyncio.create_task(self._guard(self._ping, msg))
+                else:
+                    self.stale = set()  # the same router, only slow: what runs is still its
+                continue
             handler = handlers.get(type(msg))
             if handler is None:
                 log.warning("ignoring unexpected %s", type(msg).__name__)
@@ -174,8 +256,11 @@ class StageWorker(PeerCacheMixin):
         if self._was_aborted(rid):
             return
 
+        r = msg.resume
+        resume = (list(r.token_ids), r.text_len, r.cumulative_logprob) if r is not None else None
+
         def prepare(e: LLMEngine):
-            req = e.prepare_request(rid, prompt, params, prefill_only=msg.prefill_only,
+            req = e.prepare_request(rid, prompt, params, prefill_only=msg.prefill_only, resume=resume,
                                     prompt_name="messages" if msg.messages is not None else "prompt")
             return (req, *e.prefix_probe(req))
 
@@ -203,8 +288,12 @@ class StageWorker(PeerCacheMixin):
         await self.sock.send(m.EncodeDone(msg.request_id, [self._ref(p) for p in prepared]))
 
     async def _decode(self, msg: m.DecodeRequest) -> None:
-        tensors = await self.transfer.pull(msg.holder, msg.kv_key, timeout=self.pull_timeout,
-                                           device=str(self.engine.device))
+        try:
+            tensors = await self.transfer.pull(msg.holder, msg.kv_key, timeout=self.pull_timeout,
+                                               device=str(self.engine.device))
+        except TransferError as e:
+            await self._pull_failed(msg.request_id, msg.holder, e)
+            raise
         await self.sock.send(m.KvTaken(msg.request_id, msg.kv_key))
         h = msg.header
         handoff = Handoff(msg.request_id, h.prompt_token_ids, h.output_token_ids, h.params, h.prompt,

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def dep(llava_dir, tmp_path_factory):
-    d = start("1e1p1d", llava_dir, tmp_path_factory.mktemp("logs-faults"))
+    # Nothing supervises this deployment: a request waits only 4 s for a dead role to return.
+    d = start("1e1p1d", llava_dir, tmp_path_factory.mktemp("logs-faults"), extra_router_args=["--worker-wait", "4"])
     yield d
     d.stop()
 
@@ -133,7 +134,11 @@ def test_a_restarted_worker_rejoins(dep, test_images, llava_dir):
 
 
 def test_dead_decode_worker_fails_its_requests_cleanly(dep, test_images):
-    """Runs last in this module: it kills the decode worker."""
+    """Runs last in this module: it kills the decode worker, and nothing starts it again.
+
+    The stream waits the router's --worker-wait for a decode worker, then ends with an error
+    naming the role (with epd-serve the worker comes back and the stream resumes:
+    tests/test_resilience.py)."""
     url = f"{dep.url}/v1/chat/completions"
 
     async def run():
@@ -157,7 +162,7 @@ def test_dead_decode_worker_fails_its_requests_cleanly(dep, test_images):
     assert events[-1] == "[DONE]"
     err = json.loads(events[-2])
     assert "error" in err and "decode" in err["error"]["message"]
-    assert waited < 15  # the heartbeat timeout, not a hang
+    assert waited < 15  # the worker wait, not a hang
     # A new request now fails fast with 503: no decode worker is left.
     req = urllib.request.Request(url, data=json.dumps(chat_body(dep.name, "hi", [])).encode(),
                                  headers={"Content-Type": "application/json"})

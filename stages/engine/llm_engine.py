@@ -19,7 +19,7 @@ from stages.engine.handoff import Handoff, HandoffImage
 from stages.engine.input_processor import InputProcessor
 from stages.engine.model_runner import ModelRunner
 from stages.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from stages.engine.sampler import SampleRequest, Sampler, make_generator
+from stages.engine.sampler import SampleRequest, Sampler, advance_generator, make_generator
 from stages.engine.sampling_params import SamplingParams
 from stages.engine.scheduler import Scheduler
 from stages.engine.sequence import ImageItem, Sequence
@@ -72,6 +72,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.handoffs: dict[str, _Request] = {}  # prefilled, holding KV blocks for a decode worker
         self.num_generated_tokens = 0
+        self.idle = False  # the last step scheduled nothing (e.g. every block parked for a handoff)
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -99,10 +100,15 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                         images: list | None = None, prefill_only: bool = False,
+                        resume: tuple[list[int], int, float | None] | None = None,
                         prompt_name: str = "prompt") -> _Request:
         """Validate and tokenize a request without queueing it (``submit`` queues it).
 
         Between the two a worker may look for the prompt's prefix elsewhere in the cluster.
+        ``resume`` = (tokens already produced, characters of them already sent, their cumulative
+        logprob) continues a request whose worker died: the scheduler recomputes prompt + tokens
+        like a preempted sequence, penalties and stop strings see every token, and a seeded
+        generator is first moved past the draws those tokens took.
         """
         params = params or SamplingParams()
         if request_id in self.requests:
@@ -127,6 +133,19 @@ class LLMEngine:
                                        params.spaces_between_special_tokens)
         req = _Request(seq, detok, gen)
         req.prefill_only = prefill_only
+        if resume is not None and resume[0]:
+            tokens, sent_text_len, cumulative = resume
+            if prefill_only:
+                raise ValueError("a resumed request runs to its end, not up to its first token")
+            if n + len(tokens) >= self.max_model_len:
+                raise ValueError(f"a resumed request holds {n + len(tokens)} tokens; the context is "
+                                 f"{self.max_model_len}")
+            seq.output_token_ids = list(tokens)
+            advance_generator(gen, len(tokens), self.vocab_size, self.device)
+            req.text = detok.add(seq.output_token_ids)  # replay: the text the first worker had
+            req.sent_text_len, req.sent_tokens = sent_text_len, len(tokens)
+            if cumulative is not None and req.logprobs is not None:
+                req.cumulative_logprob = cumulative
         return req
 
     def _check_context(self, n: int, max_tokens: int | None, prompt_name: str) -> None:
@@ -271,6 +290,7 @@ class LLMEngine:
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.idle = not sched.scheduled  # nothing can run until a call changes the state
         if not sched.scheduled:
             return []
         logits, seqs = self.runner.execute(sched.scheduled, sched.kv_loads)

@@ -55,6 +55,18 @@ def make_generator(params: SamplingParams, device: torch.device | str) -> torch.
     return generator
 
 
+def advance_generator(generator: torch.Generator | None, draws: int, vocab: int,
+                      device: torch.device | str) -> None:
+    """Move a seeded generator past ``draws`` tokens, consuming what `_draw` consumes per token
+    (one U[0, 1) float32 row of ``vocab``), so a request rebuilt elsewhere from its tokens draws
+    what its first worker would have drawn next."""
+    if generator is None or draws <= 0:
+        return
+    row = torch.empty(vocab, dtype=torch.float32, device=device)
+    for _ in range(draws):
+        row.uniform_(generator=generator)
+
+
 def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
