@@ -41,14 +41,21 @@ def chat_body(model: str, text: str, imgs: list, **extra) -> dict:
 
 
 def reference(model_dir: str, text: str, imgs: list) -> list[int]:
-    """transformers' greedy tokens for the chat the server renders."""
-    from tests.hf_reference import hf_greedy, load_hf
+    """transformers' greedy tokens for the chat the server renders (prompt from its processor)."""
+    from tests.hf_reference import hf_chat
 
-    _, tok, _ = load_hf(model_dir)
-    conv = [{"role": "user", "content": [{"type": "image"} for _ in imgs] + [{"type": "text", "text": text}]}]
-    prompt = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, add_special_tokens=False).input_ids
-    return hf_greedy(model_dir, ids, MAX_TOKENS, imgs)
+    return hf_chat(model_dir, _conversation(text, imgs), imgs, MAX_TOKENS)[1]
+
+
+def reference_prompt(model_dir: str, text: str, imgs: list) -> list[int]:
+    """transformers' prompt ids for that chat (images expanded): what usage.prompt_tokens counts."""
+    from tests.hf_reference import hf_chat_inputs
+
+    return hf_chat_inputs(model_dir, _conversation(text, imgs), imgs)["input_ids"][0].tolist()
+
+
+def _conversation(text: str, imgs: list) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"} for _ in imgs] + [{"type": "text", "text": text}]}]
 
 
 def start(config: str, model_dir: str, log_dir, **kw) -> Deployment:

@@ -13,7 +13,7 @@ import json
 import aiohttp
 import pytest
 
-from tests.e2e_util import CONFIGS, chat_body, chat_cases, reference, start
+from tests.e2e_util import CONFIGS, chat_body, chat_cases, reference, reference_prompt, start
 
 pytestmark = pytest.mark.e2e
 
@@ -22,6 +22,12 @@ pytestmark = pytest.mark.e2e
 def cases(test_images, llava_dir):
     cs = chat_cases(test_images)
     return [(text, imgs, reference(llava_dir, text, imgs)) for text, imgs in cs]
+
+
+@pytest.fixture(scope="module")
+def prompt_lens(cases, llava_dir):
+    """transformers' prompt length per case (bos and expanded images included)."""
+    return [len(reference_prompt(llava_dir, text, imgs)) for text, imgs, _ in cases]
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
@@ -56,7 +62,7 @@ async def _stream(session, url, body):
     return ids, text, finish
 
 
-def test_aiohttp_concurrent(deployment, cases):
+def test_aiohttp_concurrent(deployment, cases, prompt_lens):
     url = f"{deployment.url}/v1/chat/completions"
 
     async def run():
@@ -75,11 +81,12 @@ def test_aiohttp_concurrent(deployment, cases):
             status, body = res
             assert status == 200, body
             ids, finish = body["choices"][0]["token_ids"], body["choices"][0]["finish_reason"]
+            assert body["usage"]["prompt_tokens"] == prompt_lens[i], f"request {i}"
         assert ids == ref, f"request {i}"
         assert finish in ("stop", "length")
 
 
-def test_openai_package(deployment, cases, llava_dir):
+def test_openai_package(deployment, cases, prompt_lens, llava_dir):
     import openai
 
     from tests.hf_reference import load_hf
@@ -93,21 +100,27 @@ def test_openai_package(deployment, cases, llava_dir):
                   extra_body={"return_token_ids": True})
         if i % 2:
             stream = await client.chat.completions.create(stream=True, **kw)
-            pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
-            return "".join(pieces), None
+            pieces, ids = [], []
+            async for c in stream:
+                if c.choices:
+                    pieces.append(c.choices[0].delta.content or "")
+                    ids += (c.choices[0].model_extra or {}).get("token_ids") or []
+            return "".join(pieces), ids, None
         resp = await client.chat.completions.create(**kw)
-        return resp.choices[0].message.content, getattr(resp.choices[0], "token_ids", None)
+        # return_token_ids puts token_ids on every choice: the package keeps it as an extra field.
+        return resp.choices[0].message.content, resp.choices[0].model_extra["token_ids"], resp.usage.prompt_tokens
 
     async def run():
         return await asyncio.gather(*(one(i, t, im) for i, (t, im, _) in enumerate(cases)))
 
-    for (text, ids), (_, _, ref) in zip(asyncio.run(run()), cases):
-        assert text == tok.decode(ref, skip_special_tokens=True)
-        if ids is not None:
-            assert ids == ref
+    for i, ((text, ids, n_prompt), (_, _, ref)) in enumerate(zip(asyncio.run(run()), cases)):
+        assert text == tok.decode(ref, skip_special_tokens=True), f"request {i}"
+        assert ids == ref, f"request {i}"
+        if i % 2 == 0:  # the streams did not ask for usage
+            assert n_prompt == prompt_lens[i], f"request {i}"
 
 
-def test_zmq_sdk(deployment, cases):
+def test_zmq_sdk(deployment, cases, prompt_lens):
     from bus.client import AsyncClient, Client, image_part
     from tests.e2e_util import png_bytes
 
@@ -127,6 +140,7 @@ def test_zmq_sdk(deployment, cases):
 
     outs = asyncio.run(run())
     assert [o.token_ids for o in outs] == [ref for _, _, ref in cases]
+    assert [o.prompt_tokens for o in outs] == prompt_lens
     sync = Client(deployment.client_addr, model=deployment.name)
     try:
         text, imgs, ref = cases[1]

@@ -15,7 +15,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from tests.e2e_util import chat_body, data_url, kv_blocks_used, reference, start
+from tests.e2e_util import chat_body, data_url, kv_blocks_used, reference, reference_prompt, start
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +64,7 @@ def test_bad_requests_get_precise_errors(dep, test_images, llava_dir):
     async def run():
         async with aiohttp.ClientSession() as s:
             bad = await asyncio.gather(*(_raw(s, url, data) for data, _, _ in cases))
-            async with s.post(url, json=good) as r:
+            async with s.post(url, json={**good, "return_token_ids": True}) as r:
                 return bad, r.status, await r.json()
 
     bad, status, body = asyncio.run(run())
@@ -72,10 +72,10 @@ def test_bad_requests_get_precise_errors(dep, test_images, llava_dir):
         assert got == want, (data[:80], err)
         assert needle.lower() in err["error"]["message"].lower(), err
         assert err["error"]["type"]
-    assert status == 200
-    ids = body["choices"][0].get("token_ids")
-    ref = reference(llava_dir, "What is this?", [test_images[0]])
-    assert ids is None or ids == ref
+    # ...and the good request after them is answered exactly.
+    assert status == 200, body
+    assert body["choices"][0]["token_ids"] == reference(llava_dir, "What is this?", [test_images[0]])
+    assert body["usage"]["prompt_tokens"] == len(reference_prompt(llava_dir, "What is this?", [test_images[0]]))
 
 
 def test_client_disconnect_frees_kv(dep, test_images):
