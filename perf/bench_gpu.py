@@ -145,6 +145,17 @@ def profile_decode(engine: LLMEngine, batch: int, ctx: int, steps: int = 5, top:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
+    replay_us = None
+    graphs = engine.runner.graphs
+    if graphs is not None:  # the captured graph alone, back to back: its GPU time with launch gaps
+        graph = graphs.graphs[next(x for x in graphs.buckets if x >= batch)][0]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        replay_us = start.elapsed_time(end) * 1e3 / 20
     for rid in rids:
         engine.abort_request(rid)
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
@@ -152,7 +163,7 @@ def profile_decode(engine: LLMEngine, batch: int, ctx: int, steps: int = 5, top:
     gpu_us = sum(e.self_device_time_total for e in kernels) / steps
     rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": e.self_device_time_total / steps}
             for e in kernels[:top]]
-    return {"batch": batch, "context": ctx, "gpu_us_per_step": gpu_us, "top": rows}
+    return {"batch": batch, "context": ctx, "gpu_us_per_step": gpu_us, "graph_replay_us": replay_us, "top": rows}
 
 
 def bench_prefill(engine: LLMEngine, n: int, length: int, reps: int = 3) -> dict:
@@ -203,6 +214,38 @@ def bench_transformers_prefill(model_dir: str, dtype: torch.dtype, shapes, reps:
     return out
 
 
+def bf16_agreement(model_dir: str, n_prompts: int = 16, max_tokens: int = 32) -> dict:
+    """Greedy tokens of our engine (bf16, fast path) vs transformers ``generate`` (bf16) on real
+    weights: the share of generated tokens before the first divergence, and prompts fully equal."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.engine.llm import LLM
+
+    gen = torch.Generator().manual_seed(5)
+    llm = LLM(model_dir, device="cuda", dtype="bfloat16", kv_cache_memory_gb=4)
+    hi = _plain_vocab(llm.engine)
+    prompts = [torch.randint(10, hi, (int(n),), generator=gen).tolist()
+               for n in torch.randint(8, 300, (n_prompts,), generator=gen)]
+    ours = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                    ignore_eos=True))]
+    del llm
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    same_prefix, full = 0, 0
+    with torch.inference_mode():
+        for p, mine in zip(prompts, ours):
+            out = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens, do_sample=False)[0, len(p):].tolist()
+            k = next((i for i, (a, b) in enumerate(zip(out, mine)) if a != b), len(out))
+            same_prefix += k
+            full += k == len(out)
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"prompts": n_prompts, "max_tokens": max_tokens, "tokens_before_divergence": same_prefix / (
+        n_prompts * max_tokens), "prompts_identical": full / n_prompts}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a model directory (e.g. make_model --size 7b --config-only)")
@@ -217,6 +260,8 @@ def main() -> None:
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--profile", default="", help="decode points to profile per kernel, e.g. 1x512,128x512")
+    p.add_argument("--agreement-model", default=None, help="a text model with weights: bf16 greedy agreement "
+                   "of ours with transformers")
     p.add_argument("--out", default=None, help="write the figures here as JSON")
     args = p.parse_args()
     args.batches = [int(x) for x in args.batches.split(",")]
@@ -269,13 +314,21 @@ def main() -> None:
                 prof["cuda_graphs"] = graphs and saved is not None
                 entry["profiles"].append(prof)
                 print(f"[{backend}] profile batch {b} ctx {ctx} (graphs {prof['cuda_graphs']}): "
-                      f"{prof['gpu_us_per_step']:.0f} us of kernels per step", flush=True)
+                      f"{prof['gpu_us_per_step']:.0f} us of kernels per step; graph replay alone "
+                      f"{prof['graph_replay_us'] or 0:.0f} us", flush=True)
                 for r in prof["top"]:
                     print(f"    {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.0f}  {r['kernel']}", flush=True)
         result[backend] = entry
         del engine
         gc.collect()
         torch.cuda.empty_cache()
+    if args.agreement_model:
+        try:
+            result["bf16_agreement"] = r = bf16_agreement(args.agreement_model)
+            print(f"bf16 greedy vs transformers: {r['tokens_before_divergence']:.1%} of tokens before the "
+                  f"first divergence, {r['prompts_identical']:.0%} of prompts identical", flush=True)
+        except Exception as e:  # the figures above are kept
+            print(f"bf16 agreement failed: {e!r}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -50,6 +50,22 @@ class AttentionMetadata:
         return int(self.slot_mapping.numel())
 
 
+def padded_tables(block_tables: list[list[int]]) -> np.ndarray:
+    """The block tables as one zero-padded int32 array [S, W] (no loop over sequences)."""
+    b = len(block_tables)
+    nblk = np.fromiter(map(len, block_tables), np.int64, b)
+    width = max(1, int(nblk.max()) if b else 1)
+    table = np.zeros((b, width), np.int32)
+    table[np.arange(width)[None, :] < nblk[:, None]] = np.fromiter(chain.from_iterable(block_tables),
+                                                                   np.int32, int(nblk.sum()))
+    return table
+
+
+def token_slots(table: np.ndarray, seq: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Cache slots (int64) of tokens at ``positions`` of sequences ``seq`` (rows of ``table``)."""
+    return table[seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
+
+
 def flat_layout(query_lens: np.ndarray, context_lens: np.ndarray, block_tables: list[list[int]],
                 block_size: int) -> dict:
     """The flat batch's host arrays, vectorized (no loop over tokens or sequences).
@@ -64,14 +80,9 @@ def flat_layout(query_lens: np.ndarray, context_lens: np.ndarray, block_tables: 
     t = int(starts[-1])
     seq_of_token = np.repeat(np.arange(b), query_lens)
     positions = np.arange(t) - starts[seq_of_token] + (context_lens - query_lens)[seq_of_token]
-    nblk = np.fromiter(map(len, block_tables), np.int64, b)
-    width = max(1, int(nblk.max()) if b else 1)
-    table = np.zeros((b, width), np.int32)
-    table[np.arange(width)[None, :] < nblk[:, None]] = np.fromiter(chain.from_iterable(block_tables),
-                                                                   np.int32, int(nblk.sum()))
-    slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    table = padded_tables(block_tables)
     return {"query_start": starts, "seq_of_token": seq_of_token, "positions": positions,
-            "block_table": table, "slots": slots}
+            "block_table": table, "slots": token_slots(table, seq_of_token, positions, block_size)}
 
 
 class AttentionBackend(ABC):
@@ -83,7 +94,7 @@ class AttentionBackend(ABC):
     scheduler's lengths and block tables, never cache offsets.
     """
 
-    #: whether pure-decode steps may be captured in CUDA graphs (``decode_graph_buffers``)
+    #: whether pure-decode steps may be captured in CUDA graphs (``decode_graph_metadata``)
     supports_cuda_graphs = False
     #: whether the model should use fused projections and Triton kernels for its small ops
     #: (norms, rotary, silu-mul); read when the model is built
@@ -103,6 +114,12 @@ class AttentionBackend(ABC):
             num_decodes=nd, block_size=block_size)
         meta.host = lay
         return meta
+
+    def decode_graph_metadata(self, slots: torch.Tensor, ctx_lens: torch.Tensor, block_table: torch.Tensor,
+                              block_size: int) -> AttentionMetadata:
+        """Metadata of a captured decode step that reads static device buffers: ``slots`` and
+        ``ctx_lens`` [b] int64 (padding rows: slot -1, context 0), ``block_table`` [>=b, W] int32."""
+        raise NotImplementedError(f"{type(self).__name__} does not run in CUDA graphs")
 
     @abstractmethod
     def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,

@@ -4,8 +4,8 @@ Per step the host builds the flat layout with a few numpy ops and ships it in
 one int32 copy (pinned memory on CUDA): slot mapping, query offsets, context
 lengths, the prefill tile map and the block tables. Every layer reuses those
 device views. Pure-decode steps can run inside a CUDA graph: the graph reads
-its metadata from static buffers that ``load_decode_graph`` refills each step
-(padding rows get context 0 and slot -1, so they write nothing and read nothing).
+its metadata from static buffers (``decode_graph_metadata``) refilled each step;
+padding rows get context 0 and slot -1, so they write nothing and read nothing.
 """
 
 from __future__ import annotations
@@ -71,37 +71,9 @@ class TritonPagedAttention(AttentionBackend):
                                c["tile_m"], c["num_tiles"], scale)
         return out
 
-    # ---- CUDA graphs (pure decode steps) ---------------------------------------------------
-    def decode_graph_buffers(self, max_batch: int, max_blocks: int, block_size: int,
-                             device: torch.device) -> "DecodeGraphBuffers":
-        return DecodeGraphBuffers(max_batch, max_blocks, block_size, device)
-
-
-class DecodeGraphBuffers:
-    """Static metadata for captured decode steps; ``view(b)`` is what a bucket of ``b`` captures."""
-
-    def __init__(self, max_batch: int, max_blocks: int, block_size: int, device: torch.device):
-        self.slots = torch.full((max_batch,), -1, dtype=torch.int32, device=device)
-        self.ctx = torch.zeros(max_batch, dtype=torch.int32, device=device)
-        self.table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
-        self.block_size = block_size
-
-    def view(self, b: int) -> AttentionMetadata:
-        meta = AttentionMetadata(slot_mapping=self.slots[:b], query_start=list(range(b)), query_lens=[1] * b,
-                                 context_lens=[1] * b, block_tables=[], num_decodes=b,
-                                 block_size=self.block_size)
-        meta.cache = {"ctx": self.ctx[:b], "table": self.table, "num_tiles": 0}
+    def decode_graph_metadata(self, slots, ctx_lens, block_table, block_size) -> AttentionMetadata:
+        b = slots.shape[0]
+        meta = AttentionMetadata(slot_mapping=slots, query_start=list(range(b)), query_lens=[1] * b,
+                                 context_lens=[1] * b, block_tables=[], num_decodes=b, block_size=block_size)
+        meta.cache = {"ctx": ctx_lens, "table": block_table, "num_tiles": 0}
         return meta
-
-    def load(self, step: AttentionMetadata, bucket: int) -> None:
-        """Copy a decode step's metadata (from ``build_metadata``) in; rows past it become padding."""
-        b = step.num_decodes
-        w = step.cache["table"].shape[1]
-        if w > self.table.shape[1]:
-            raise ValueError(f"a sequence holds {w} blocks; the graphs were captured for {self.table.shape[1]}")
-        self.slots[:b].copy_(step.slot_mapping)
-        self.ctx[:b].copy_(step.cache["ctx"])
-        self.table[:b, :w].copy_(step.cache["table"])
-        if bucket > b:
-            self.slots[b:bucket].fill_(-1)
-            self.ctx[b:bucket].fill_(0)

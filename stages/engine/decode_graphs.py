@@ -3,9 +3,12 @@
 A step of ``b`` decodes replays the graph of the smallest bucket >= ``b``; the rows
 past ``b`` are padding (context 0, slot -1: the attention backend makes them write
 and read nothing). The graph covers the model body (embedding, every layer, final
-norm); logits are computed outside it, on the rows that are real. The graphs read
-their inputs from static buffers: token ids, positions and the backend's decode
-metadata, which ``run`` refills each step with a few device copies.
+norm); logits are computed outside it, on the real rows.
+
+The graphs read their inputs from static device buffers. Token ids, positions, slots
+and context lengths sit in one int64 tensor filled by one host-to-device copy per
+step from pinned memory; the block tables go in a second copy (only the ``b x W``
+entries in use) and one device copy into the captured table.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
+
+from stages.attention.backend import padded_tables, token_slots
 
 log = logging.getLogger(__name__)
 
@@ -27,44 +33,69 @@ def buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model, backend, kv_caches, device: torch.device, max_batch: int, max_blocks: int,
                  block_size: int):
-        self.model = model
+        self.model, self.block_size = model, block_size
         self.buckets = buckets(max_batch)
         self.max_blocks = max_blocks
         top = self.buckets[-1]
-        self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
-        self.positions = torch.zeros((3, top) if model.uses_mrope else (top,), dtype=torch.long, device=device)
-        self.meta = backend.decode_graph_buffers(top, max_blocks, block_size, device)
+        self.pos_rows = 3 if model.uses_mrope else 1
+        rows = self.pos_rows + 3  # ids, positions, slots, context lengths
+        self.host = torch.zeros(rows, top, dtype=torch.long).pin_memory()
+        self.host_np = self.host.numpy()
+        self.host_np[self.pos_rows + 1] = -1  # padding rows: no slot
+        self.inputs = self.host.to(device)
+        self.copied = torch.cuda.Event()
+        self.table = torch.zeros(top, max_blocks, dtype=torch.int32, device=device)
+        self.table_stage = torch.empty(top * max_blocks, dtype=torch.int32, device=device)
+        ids = self.inputs[0]
+        positions = self.inputs[1:1 + self.pos_rows] if model.uses_mrope else self.inputs[1]
+        slots, ctx = self.inputs[self.pos_rows + 1], self.inputs[self.pos_rows + 2]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         t = time.perf_counter()
         pool = None
         with torch.inference_mode():
             for b in reversed(self.buckets):  # largest first: the smaller ones reuse its pool
-                meta = self.meta.view(b)
-                pos = self.positions[..., :b]
+                meta = backend.decode_graph_metadata(slots[:b], ctx[:b], self.table, block_size)
+                pos = positions[..., :b]
                 stream = torch.cuda.Stream(device)
                 stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):  # warm-up (Triton compiles) off the capture
-                    model(pos, meta, kv_caches, input_ids=self.input_ids[:b])
+                    model(pos, meta, kv_caches, input_ids=ids[:b])
                 torch.cuda.current_stream(device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    hidden = model(pos, meta, kv_caches, input_ids=self.input_ids[:b])
+                    hidden = model(pos, meta, kv_caches, input_ids=ids[:b])
                 pool = graph.pool()
                 self.graphs[b] = (graph, hidden)
         torch.cuda.synchronize(device)
         log.info("captured %d decode graphs (batch %s) in %.1f s", len(self.graphs), self.buckets,
                  time.perf_counter() - t)
 
-    def fits(self, batch: int, meta) -> bool:
-        return batch <= self.buckets[-1] and meta.cache["table"].shape[1] <= self.max_blocks
+    def fits(self, batch: int, tables: list[list[int]]) -> bool:
+        return batch <= self.buckets[-1] and max(map(len, tables)) <= self.max_blocks
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
-        """Hidden states [b, hidden] of a decode step whose metadata is ``meta``."""
-        b = input_ids.shape[0]
+    def run(self, ids: list[int], ctx_lens: list[int], tables: list[list[int]],
+            deltas: np.ndarray | None) -> torch.Tensor:
+        """Hidden states [b, hidden] of ``b`` decodes: token ids, context lengths (the new
+        token included), block tables and M-RoPE position deltas (None: plain RoPE)."""
+        b = len(ids)
         bucket = next(x for x in self.buckets if x >= b)
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[..., :b].copy_(positions)
-        self.meta.load(meta, bucket)
+        ctx = np.asarray(ctx_lens, np.int64)
+        pos = ctx - 1
+        table = padded_tables(tables)
+        self.copied.synchronize()  # the previous step's copy has left the pinned buffer
+        h, r = self.host_np, self.pos_rows
+        h[0, :b] = ids
+        h[1:1 + r, :b] = pos if deltas is None else pos + deltas
+        h[r + 1, :b] = token_slots(table, np.arange(b), pos, self.block_size)
+        h[r + 1, b:bucket] = -1
+        h[r + 2, :b] = ctx
+        h[r + 2, b:bucket] = 0
+        self.inputs.copy_(self.host, non_blocking=True)
+        w = table.shape[1]
+        staged = self.table_stage[:b * w]
+        staged.copy_(torch.from_numpy(table.reshape(-1)).pin_memory(), non_blocking=True)
+        self.copied.record()
+        self.table[:b, :w].copy_(staged.view(b, w))
         graph, hidden = self.graphs[bucket]
         graph.replay()
         return hidden[:b]

@@ -135,6 +135,16 @@ class ModelRunner:
                 out[:, row0:row0 + end - start] = seq.mrope_positions[:, start:end]
         return out
 
+    @staticmethod
+    def _step_has_images(batch: list[ScheduledSeq]) -> bool:
+        """Whether any image placeholder lies among this step's new tokens."""
+        for s in batch:
+            start = s.seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            if any(img.offset < end and start < img.offset + img.length for img in s.seq.images):
+                return True
+        return False
+
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq],
                 kv_loads: list[Sequence] = ()) -> tuple[torch.Tensor, list[Sequence]]:
@@ -161,6 +171,14 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
                 sample_seqs.append(seq)
         dev = self.device
+        images = self.model.is_multimodal and self._step_has_images(batch)
+        if (self.graphs is not None and offset == len(batch) == len(sample_rows) and not images
+                and self.graphs.fits(len(batch), tables)):
+            deltas = None
+            if self.model.uses_mrope:
+                deltas = np.fromiter((s.seq.mrope_delta for s in batch), np.int64, len(batch))
+            hidden = self.graphs.run(ids, ctx_lens, tables, deltas)
+            return self.model.compute_logits(hidden).float(), sample_seqs
         meta = self.backend.build_metadata(q_lens, ctx_lens, tables, self.block_size, dev)
         pos = self._positions(batch, meta)
         input_ids = torch.tensor(ids, dtype=torch.long)
@@ -168,14 +186,8 @@ class ModelRunner:
             input_ids, pos = input_ids.pin_memory(), pos.pin_memory()
         input_ids = input_ids.to(dev, non_blocking=True)
         pos = pos.to(dev, non_blocking=True)
-        embeds = None
-        if self.model.is_multimodal and any(s.seq.images for s in batch):
-            embeds = self._embed_with_images(batch, input_ids, meta.query_start)
-        if (self.graphs is not None and embeds is None and len(sample_rows) == len(batch)
-                and meta.num_decodes == len(batch) and self.graphs.fits(len(batch), meta)):
-            hidden = self.graphs.run(input_ids, pos, meta)
-        else:
-            hidden = self.model(pos, meta, self.kv_caches, input_ids=input_ids, inputs_embeds=embeds)
+        embeds = self._embed_with_images(batch, input_ids, meta.query_start) if images else None
+        hidden = self.model(pos, meta, self.kv_caches, input_ids=input_ids, inputs_embeds=embeds)
         if not sample_rows:
             return torch.empty(0), []
         if len(sample_rows) < hidden.shape[0]:
