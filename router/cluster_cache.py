@@ -106,7 +106,7 @@ class ClusterCacheMixin:
         req, reg = flight.req, self.registry
         if req.model not in self.served_models:
             raise ApiError(404, f"the model {req.model!r} does not exist", code="model_not_found")
-        has = {r: bool(reg.alive(r) or reg.may_return(r)) for r in ("mixed", "prefill")}
+        has = {r: any(w.role == r for w in reg.workers.values()) for r in ("mixed", "prefill")}  # the shape
         if has["mixed"] and not has["prefill"]:
             await self._to(flight, "mixed", self._generate_msg(flight, prefill_only=False))
         elif req.images and reg.alive("encode"):

@@ -341,6 +341,19 @@ class Deployment:
         self.stop()
 
 
+def stop_on_signals(dep: Deployment) -> None:
+    """The first Ctrl-C or SIGTERM raises KeyboardInterrupt (the caller then runs ``dep.stop()``);
+    a second one, during that stop, kills every child at once instead of interrupting it."""
+
+    def on_signal(signum, _frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: dep.kill_now())
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="epd-serve", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -353,13 +366,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     model = args.model or cfg.get("model") or default_model()
     dep = Deployment(cfg, model, args.host, args.port, transfer=args.transfer)
-    def on_signal(signum, _frame):
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second one during the stop: kill at once
-            signal.signal(sig, lambda *_: dep.kill_now())
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(dep)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s epd-serve %(levelname)s %(message)s")
     try:
         url = dep.start(args.timeout)

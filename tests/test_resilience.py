@@ -201,7 +201,8 @@ def _recoveries(serve: Serve, stage: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("worker", ["decode-0", "prefill-0", "encode-0"])
+@pytest.mark.parametrize("worker", ["decode-0", pytest.param("prefill-0", marks=pytest.mark.slow),
+                                    pytest.param("encode-0", marks=pytest.mark.slow)])
 def test_kill_a_worker_mid_stream(serve, test_images, worker):
     bodies = _bodies("tiny-llava", test_images, temperature=0)
     want = _run(serve.url, bodies)
@@ -217,6 +218,7 @@ def test_kill_a_worker_mid_stream(serve, test_images, worker):
     _served_again(serve, worker, before["inc"], test_images)
 
 
+@pytest.mark.slow
 def test_kill_decode_seeded_sampling(serve, test_images):
     bodies = _bodies("tiny-llava", test_images, temperature=0.9, top_p=0.95, seed=1234, frequency_penalty=0.3)
     for i, b in enumerate(bodies):
