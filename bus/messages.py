@@ -14,6 +14,7 @@ from typing import Any
 from bus.codec import message, struct
 
 ROLES = ("encode", "prefill", "decode", "mixed")
+MAX_TIMINGS = 64  # step / encode timings per heartbeat
 # Cache counters a worker's heartbeat carries (``Heartbeat.counters``); the router
 # exports each as ``epd:<name>_total{worker,role}``.
 CACHE_COUNTERS = {
@@ -40,6 +41,9 @@ class WorkerInfo:
     is_multimodal: bool
     transfer: dict[str, str]  # backend name -> address, plus "host_id"
     pid: int
+    # The worker's measured costs (``stages.profiler``): "step" and/or "encode" coefficients of
+    # ``bus.step_cost``'s features, "token_budget", "max_num_seqs", "kv_capacity_tokens", "source".
+    cost_model: dict[str, Any] = field(default_factory=dict)
 
 
 @struct
@@ -120,6 +124,9 @@ class Heartbeat:
     prefix_query_tokens: int = 0
     transfer_pulls: dict[str, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)  # CACHE_COUNTERS by name
+    # Timings since the last heartbeat (at most ``MAX_TIMINGS``): [0, *step features, seconds] per
+    # engine step, [1, *encode features, seconds] per encode call (``bus.step_cost``).
+    timings: list[list[float]] = field(default_factory=list)
 
 
 @message(3)

@@ -147,7 +147,7 @@ def main() -> int:
     ap.add_argument("--kv-gb", type=float, default=2.0)
     ap.add_argument("--hf-batch", default="8,32", help="static batch size(s) for transformers, comma-separated")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--vllm", help="vLLM-CPU venv (../shared/peers/vllm-cpu/setup.sh)")
+    ap.add_argument("--vllm", help="a virtual environment holding a vLLM CPU build")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (ours and transformers alike)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's sweep on a GPU machine: Qwen2.5-VL-7B-shaped (random bf16 weights), 1-8 images of
+# The GPU sweep: Qwen2.5-VL-7B-shaped (random bf16 weights), 1-8 images of
 # 448-1344 px per request, Poisson arrivals, a rate sweep per deployment, SLOs stated here:
 # TTFT <= 2 s and TPOT <= 50 ms (RESULTS also scores a relaxed 5 s / 100 ms with
 # perf/gpu_sweep_report.py --relaxed 5000,100).

@@ -11,6 +11,7 @@ This module must stay light: no torch, no transformers, nothing from `stages/`.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import importlib.metadata
 import logging
 import time
@@ -350,16 +351,33 @@ class _Api:
         await self.resolver.close()
 
 
-def make_app(backend: Backend, limits: ApiLimits, metrics: ApiMetrics | None = None
-             ) -> web.Application:
+def _bearer(key: str):
+    """Middleware: /v1 requests without the key are a 401 (OpenAI's error body); the rest are open."""
+    expected = f"Bearer {key}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        if request.path.startswith("/v1") and request.method != "OPTIONS":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return await handler(request)
+
+    return check
+
+
+def make_app(backend: Backend, limits: ApiLimits, metrics: ApiMetrics | None = None,
+             api_key: str | None = None) -> web.Application:
     """The aiohttp application serving `backend` under `limits`.
 
     Run it with `web.run_app(app)` or an `AppRunner`. `app[API_METRICS]` is the
     `ApiMetrics` in use (a fresh one on a private registry when none is given).
+    With `api_key`, the /v1 routes need `Authorization: Bearer <api_key>` (vLLM's rule).
     """
     metrics = metrics if metrics is not None else ApiMetrics()
     api = _Api(backend, limits, metrics)
-    app = web.Application(client_max_size=limits.max_body_bytes, middlewares=[api.errors])
+    middlewares = [api.errors] + ([_bearer(api_key)] if api_key else [])
+    app = web.Application(client_max_size=limits.max_body_bytes, middlewares=middlewares)
     app[API_METRICS] = metrics
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)

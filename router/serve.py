@@ -341,6 +341,74 @@ class Deployment:
         self.stop()
 
 
+# epd-serve flags that override the config's engine settings (vLLM's spelling where it has one).
+ENGINE_OVERRIDES = ("dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_memory_gb")
+
+
+def config_path(name: str) -> Path:
+    """A config file, or the name of one in configs/ (``1p1d`` -> configs/1p1d.yaml)."""
+    path = Path(name)
+    if not path.exists() and (ROOT / "configs" / f"{name}.yaml").exists():
+        return ROOT / "configs" / f"{name}.yaml"
+    return path
+
+
+def list_configs() -> str:
+    """Each shipped config with the first line of its comment."""
+    lines = []
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        head = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        lines.append(f"{path.stem:18} {head}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from router.server import HelpWithDefaults
+
+    ap = argparse.ArgumentParser(prog="epd-serve", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpWithDefaults)
+    ap.add_argument("--config", default=DEFAULT_CONFIG.stem,
+                    help="deployment: a YAML file or the name of one in configs/ (see --list-configs)")
+    ap.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    ap.add_argument("--model", help="model directory (default: the config's, else a tiny LLaVA built in "
+                                    "$EPD_CACHE or ~/.cache/epd)")
+    ap.add_argument("--served-model-name", help="the name the API answers to (default: the config's, else "
+                                                "the model directory's name)")
+    ap.add_argument("--host", default="127.0.0.1", help="address the API, the SDK front and the workers use")
+    ap.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API")
+    ap.add_argument("--sdk-port", type=int, default=7102, help="port of the ZeroMQ SDK front (bus.client)")
+    ap.add_argument("--api-key", help="/v1 routes then need 'Authorization: Bearer KEY' (default: $EPD_API_KEY, "
+                                      "else no key)")
+    ap.add_argument("--transfer", choices=["auto", "shm", "zmq", "ucx"],
+                    help="KV / embedding transfer backend (default: the config's, else auto)")
+    ap.add_argument("--device", help="device of every worker, e.g. cpu or cuda:0 (default: the config's)")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="model dtype (default: the config's; auto = float32 on CPU, bfloat16 on GPU)")
+    ap.add_argument("--max-model-len", type=int, help="context length (default: the config's, else the model's)")
+    ap.add_argument("--max-num-seqs", type=int, help="sequences per engine step (default: the config's)")
+    ap.add_argument("--kv-cache-memory-gb", type=float,
+                    help="KV cache size per worker, GiB (default: the config's)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for every worker to register")
+    return ap.parse_args(argv)
+
+
+def apply_overrides(cfg: dict, args: argparse.Namespace) -> dict:
+    """The config with the command line's settings on top (they win over per-worker entries too)."""
+    if args.served_model_name:
+        cfg["served_model_name"] = args.served_model_name
+    engine = cfg.setdefault("engine", {})
+    for key in ENGINE_OVERRIDES:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        engine[key] = value
+        for w in cfg["workers"]:
+            w.pop(key, None)
+            if key == "device":
+                w.pop("devices", None)
+    return cfg
+
+
 def stop_on_signals(dep: Deployment) -> None:
     """The first Ctrl-C or SIGTERM raises KeyboardInterrupt (the caller then runs ``dep.stop()``);
     a second one, during that stop, kills every child at once instead of interrupting it."""
@@ -355,22 +423,24 @@ def stop_on_signals(dep: Deployment) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="epd-serve", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("--model", help="model directory (overrides the config's)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--transfer", choices=["auto", "shm", "zmq", "ucx"], help="override the config's backend")
-    ap.add_argument("--timeout", type=float, default=300)
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    args = parse_args(argv)
+    if args.list_configs:
+        print(list_configs())
+        return 0
+    config = config_path(args.config)
+    cfg = apply_overrides(load_config(config), args)
+    if args.api_key:
+        os.environ["EPD_API_KEY"] = args.api_key  # the router inherits it (kept off command lines)
     model = args.model or cfg.get("model") or default_model()
     dep = Deployment(cfg, model, args.host, args.port, transfer=args.transfer)
+    dep.client_addr = f"tcp://{args.host}:{args.sdk_port}"
     stop_on_signals(dep)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s epd-serve %(levelname)s %(message)s")
     try:
         url = dep.start(args.timeout)
-        print(f"epd is serving {dep.name} at {url}  (SDK: {dep.client_addr})", flush=True)
+        workers = ", ".join(f"{wid} ({device})" for wid, _, device in worker_plan(cfg))
+        print(f"epd is serving {dep.name} at {url}  (SDK: {dep.client_addr})\n  model:   {Path(model).resolve()}"
+              f"\n  config:  {config.resolve()}\n  workers: {workers}", flush=True)
         while True:
             dep.supervise()
             time.sleep(0.2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 
 from aiohttp import web
@@ -31,30 +32,50 @@ def parse_expect(spec: str) -> dict[str, int]:
     return out
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless it has none to show (None, a switch, "")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, True, False, "", argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="epd-router", description=__doc__)
-    ap.add_argument("--served-model-name", required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap = argparse.ArgumentParser(prog="epd-router", description=__doc__, formatter_class=HelpWithDefaults)
+    ap.add_argument("--served-model-name", required=True, help="the model name the API answers to")
+    ap.add_argument("--host", default="127.0.0.1", help="address the HTTP API and the SDK front listen on")
+    ap.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API")
+    ap.add_argument("--sdk-port", type=int, default=7102, help="port of the ZeroMQ SDK front on --host")
     ap.add_argument("--worker-addr", default="tcp://127.0.0.1:7100", help="workers connect here")
     ap.add_argument("--control-addr", default="tcp://127.0.0.1:7101", help="control broadcasts (PUB)")
-    ap.add_argument("--client-addr", default="tcp://127.0.0.1:7102", help="ZeroMQ SDK clients connect here")
+    ap.add_argument("--client-addr", default=None,
+                    help="the SDK front's whole ZeroMQ address, instead of tcp://HOST:SDK_PORT")
+    ap.add_argument("--api-key", default=None,
+                    help="/v1 routes then need 'Authorization: Bearer KEY'; $EPD_API_KEY when not given "
+                         "(the SDK front has no key: keep it on a private address)")
     ap.add_argument("--no-cluster-cache", dest="cluster_cache", action="store_false",
-                    help="never reuse another worker's image embeddings or prefix KV (for A/B runs)")
+                    help="never reuse another worker's image embeddings or prefix KV (for A/B runs); "
+                         "default: reuse them")
     ap.add_argument("--expect", default="", help="workers /health waits for, e.g. encode=1,prefill=1,decode=1")
-    ap.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES))
-    ap.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    ap.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES), help="dispatch policy")
+    ap.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                    help="seconds of silence after which a worker counts as dead")
     ap.add_argument("--retry-budget", type=int, default=2,
                     help="times one request may be moved off a failed worker before it fails")
     ap.add_argument("--worker-wait", type=float, default=60.0,
                     help="seconds a request waits for a worker of a role none is left of to come back")
-    ap.add_argument("--max-body-mb", type=float, default=32)
-    ap.add_argument("--max-images", type=int, default=8)
-    ap.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-    ap.add_argument("--remote-images", default="off", choices=["off", "allowlist", "any"])
+    ap.add_argument("--max-body-mb", type=float, default=32, help="largest request body, MiB")
+    ap.add_argument("--max-images", type=int, default=8, help="images per request")
+    ap.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
+    ap.add_argument("--remote-images", default="off", choices=["off", "allowlist", "any"],
+                    help="whether http(s) image URLs are fetched")
     ap.add_argument("--allowed-domains", default="", help="comma-separated, with --remote-images allowlist")
-    ap.add_argument("--log-level", default="INFO")
-    return ap.parse_args(argv)
+    ap.add_argument("--log-level", default="INFO", help="logging level")
+    args = ap.parse_args(argv)
+    args.client_addr = args.client_addr or f"tcp://{args.host}:{args.sdk_port}"
+    args.api_key = args.api_key or os.environ.get("EPD_API_KEY") or None
+    return args
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -68,11 +89,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     await core.start(args.worker_addr, args.control_addr)
     front = ClientFront(core, limits)
     await front.start(args.client_addr)
-    runner = web.AppRunner(make_app(core, limits, api_metrics), access_log=None)
+    runner = web.AppRunner(make_app(core, limits, api_metrics, api_key=args.api_key), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
-    log.info("router up: http://%s:%d  workers %s  clients %s", args.host, args.port, args.worker_addr,
-             args.client_addr)
+    log.info("router up: http://%s:%d  SDK %s  workers connect to %s", args.host, args.port, args.client_addr,
+             args.worker_addr)
     await stop.wait()
     await runner.cleanup()
     await front.close()

@@ -29,14 +29,15 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 
 import torch
 
 from bus import messages as m
 from bus.sampling_params import SamplingParams
 from bus.sockets import AsyncSocket
-from stages import tokenize_service
+from bus.step_cost import encode_features
+from stages import profiler, tokenize_service
 from stages.engine.config import EngineConfig
 from stages.engine.handoff import Handoff, HandoffImage
 from stages.engine.llm_engine import LLMEngine
@@ -86,6 +87,8 @@ class StageWorker(PeerCacheMixin):
                            max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                            enable_prefix_caching=not a.no_prefix_caching)
         self.engine = LLMEngine(cfg)
+        cost_model = profiler.profile(self.engine, self.role, use_cache=not a.no_profile_cache)
+        self.encode_timings: deque[list[float]] = deque(maxlen=m.MAX_TIMINGS)
         # Encode role: the embeddings kept pullable, by pixel hash, within the encoder cache budget.
         self.published = ContentCache(cfg.encoder_cache_mb << 20)
         if self.role != "encode":
@@ -101,7 +104,8 @@ class StageWorker(PeerCacheMixin):
         eng = self.engine
         self.info = m.WorkerInfo(self.worker_id, self.incarnation, self.role, a.model, str(eng.device),
                                  eng.max_model_len, eng.runner.num_blocks, cfg.block_size,
-                                 bool(eng.runner.model.is_multimodal), self.transfer.card, os.getpid())
+                                 bool(eng.runner.model.is_multimodal), self.transfer.card, os.getpid(),
+                                 cost_model)
         await self.sock.send(m.WorkerReady(self.info))
         self.heard = time.monotonic()
         log.info("%s ready (%s on %s)", self.worker_id, self.role, eng.device)
@@ -185,8 +189,15 @@ class StageWorker(PeerCacheMixin):
                 self.worker_id, self.incarnation, len(sched.running), len(sched.waiting),
                 blocks.num_used_blocks, blocks.num_blocks, eng.runner.num_images_encoded,
                 blocks.prefix_hits, blocks.prefix_queries, dict(self.transfer.pulls_by_backend),
-                dict(self.counters)))
+                dict(self.counters), self._timings()))
             await asyncio.sleep(HEARTBEAT_S)
+
+    def _timings(self) -> list[list[float]]:
+        """The latest step and encode timings since the last heartbeat (the router's online correction)."""
+        steps = self.engine.step_samples
+        rows = [[0.0, *f, s] for f, s in (steps.popleft() for _ in range(len(steps)))]
+        rows += [self.encode_timings.popleft() for _ in range(len(self.encode_timings))]
+        return rows[-m.MAX_TIMINGS:]
 
     async def _control_loop(self) -> None:
         while True:
@@ -282,7 +293,14 @@ class StageWorker(PeerCacheMixin):
         await self.sock.send(m.Tokenized(msg.request_id, text=text))
 
     async def _encode(self, msg: m.EncodeRequest) -> None:
-        prepared = await self.threads.call(lambda e: e.encode_images(msg.images))
+        def encode(e: LLMEngine):
+            t0 = time.perf_counter()
+            out = e.encode_images(msg.images)
+            self.encode_timings.append([1.0, *encode_features(len(out), sum(p.num_tokens for p in out)),
+                                        time.perf_counter() - t0])
+            return out
+
+        prepared = await self.threads.call(encode)
         for p in prepared:
             self._publish_embedding(p)
         await self.sock.send(m.EncodeDone(msg.request_id, [self._ref(p) for p in prepared]))
@@ -359,6 +377,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--no-profile-cache", action="store_true",
+                    help="measure the cost profile again instead of reading it from $EPD_CACHE/profiles")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--log-level", default="INFO")
     return ap.parse_args(argv)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import torch
 
+from bus.step_cost import step_features
 from stages.engine.block_manager import BlockManager
 from stages.engine.config import EngineConfig
 from stages.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_string_holdback
@@ -73,6 +75,8 @@ class LLMEngine:
         self.handoffs: dict[str, _Request] = {}  # prefilled, holding KV blocks for a decode worker
         self.num_generated_tokens = 0
         self.idle = False  # the last step scheduled nothing (e.g. every block parked for a handoff)
+        # (step features, seconds) of recent steps: the worker's cost profile and its heartbeats read them.
+        self.step_samples: deque[tuple[tuple[float, ...], float]] = deque(maxlen=256)
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -293,11 +297,13 @@ class LLMEngine:
         self.idle = not sched.scheduled  # nothing can run until a call changes the state
         if not sched.scheduled:
             return []
+        t0, features = time.perf_counter(), step_features(sched.scheduled)
         logits, seqs = self.runner.execute(sched.scheduled, sched.kv_loads)
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.blocks.cache_full_blocks(s.seq)
         if not seqs:
+            self.step_samples.append((features, time.perf_counter() - t0))
             return []
         reqs = [self.requests[s.request_id] for s in seqs]
         rows = [SampleRequest(r.seq.params, r.seq.prompt_token_ids, r.seq.output_token_ids, r.generator)
@@ -306,6 +312,7 @@ class LLMEngine:
         outputs = []
         for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
             outputs.append(self._append_token(req, token, lp))
+        self.step_samples.append((features, time.perf_counter() - t0))  # tokens are on the host by now
         return outputs
 
     def _append_token(self, req: _Request, token: int, lp) -> RequestOutput:
