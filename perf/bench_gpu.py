@@ -74,6 +74,27 @@ def make_engine(args, backend: str) -> LLMEngine:
     return LLMEngine(cfg)
 
 
+def _host_timers(engine: LLMEngine) -> dict[str, list[float]]:
+    """Host time of the scheduler and of the graph path's input preparation + launch (no sync)."""
+    times: dict[str, list[float]] = {"schedule": [], "graph_run": []}
+
+    def wrap(obj, attr, key):
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            times[key].append(time.perf_counter() - t)
+            return out
+
+        setattr(obj, attr, timed)
+
+    wrap(engine.scheduler, "schedule", "schedule")
+    if engine.runner.graphs is not None:
+        wrap(engine.runner.graphs, "run", "graph_run")
+    return times
+
+
 def _runner_timer(engine: LLMEngine) -> list[float]:
     """Wrap ``runner.execute`` to record its time (synchronized) per call."""
     times: list[float] = []
@@ -115,12 +136,15 @@ def seed_decodes(engine: LLMEngine, batch: int, ctx: int, gen: torch.Generator, 
     return ids
 
 
-def bench_decode(engine: LLMEngine, batch: int, ctx: int, steps: int, runner_times: list[float]) -> dict:
+def bench_decode(engine: LLMEngine, batch: int, ctx: int, steps: int, runner_times: list[float],
+                 host: dict[str, list[float]]) -> dict:
     rids = seed_decodes(engine, batch, ctx, torch.Generator().manual_seed(batch * 7 + ctx), f"d{batch}x{ctx}")
     for _ in range(3):
         engine.step()
     torch.cuda.synchronize()
     runner_times.clear()
+    for v in host.values():
+        v.clear()
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -129,8 +153,9 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, steps: int, runner_tim
     runner = sum(runner_times) / len(runner_times)
     for rid in rids:
         engine.abort_request(rid)
+    mean = {k: (sum(v) / len(v) * 1e3 if v else None) for k, v in host.items()}
     return {"batch": batch, "context": ctx, "step_ms": step * 1e3, "runner_ms": runner * 1e3,
-            "tok_s": batch / step}
+            "schedule_ms": mean["schedule"], "graph_run_host_ms": mean["graph_run"], "tok_s": batch / step}
 
 
 def profile_decode(engine: LLMEngine, batch: int, ctx: int, steps: int = 5, top: int = 14) -> dict:
@@ -214,36 +239,55 @@ def bench_transformers_prefill(model_dir: str, dtype: torch.dtype, shapes, reps:
     return out
 
 
-def bf16_agreement(model_dir: str, n_prompts: int = 16, max_tokens: int = 32) -> dict:
-    """Greedy tokens of our engine (bf16, fast path) vs transformers ``generate`` (bf16) on real
-    weights: the share of generated tokens before the first divergence, and prompts fully equal."""
-    from transformers import AutoModelForCausalLM
-
+def _greedy_ours(model_dir: str, prompts, max_tokens: int, backend: str, dtype: str) -> list[list[int]]:
     from stages.engine.llm import LLM
 
-    gen = torch.Generator().manual_seed(5)
-    llm = LLM(model_dir, device="cuda", dtype="bfloat16", kv_cache_memory_gb=4)
-    hi = _plain_vocab(llm.engine)
-    prompts = [torch.randint(10, hi, (int(n),), generator=gen).tolist()
-               for n in torch.randint(8, 300, (n_prompts,), generator=gen)]
-    ours = [o.outputs[0].token_ids for o in llm.generate(
-        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                                                    ignore_eos=True))]
+    llm = LLM(model_dir, device="cuda", dtype=dtype, kv_cache_memory_gb=4, attention_backend=backend)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     del llm
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
-    same_prefix, full = 0, 0
+    gc.collect()
+    torch.cuda.empty_cache()
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _greedy_hf(model_dir: str, prompts, max_tokens: int, dtype: torch.dtype) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+    out = []
     with torch.inference_mode():
-        for p, mine in zip(prompts, ours):
-            out = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=max_tokens,
-                              min_new_tokens=max_tokens, do_sample=False)[0, len(p):].tolist()
-            k = next((i for i, (a, b) in enumerate(zip(out, mine)) if a != b), len(out))
-            same_prefix += k
-            full += k == len(out)
+        for p in prompts:
+            out.append(hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=max_tokens,
+                                   min_new_tokens=max_tokens, do_sample=False)[0, len(p):].tolist())
     del hf
     gc.collect()
     torch.cuda.empty_cache()
-    return {"prompts": n_prompts, "max_tokens": max_tokens, "tokens_before_divergence": same_prefix / (
-        n_prompts * max_tokens), "prompts_identical": full / n_prompts}
+    return out
+
+
+def bf16_agreement(model_dir: str, n_prompts: int = 16, max_tokens: int = 32) -> dict:
+    """Greedy tokens in bf16 against transformers' fp32 greedy tokens on the same weights: the share
+    of tokens before the first divergence, for transformers bf16 (the baseline: what bf16 rounding
+    alone does), our fast path (triton) and our old path (torch)."""
+    from transformers import AutoTokenizer
+
+    gen = torch.Generator().manual_seed(5)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hi = len(tok) - 100
+    prompts = [torch.randint(10, hi, (int(n),), generator=gen).tolist()
+               for n in torch.randint(8, 300, (n_prompts,), generator=gen)]
+    ref = _greedy_hf(model_dir, prompts, max_tokens, torch.float32)
+    runs = {"transformers bf16": _greedy_hf(model_dir, prompts, max_tokens, torch.bfloat16),
+            "epd bf16 triton": _greedy_ours(model_dir, prompts, max_tokens, "triton", "bfloat16"),
+            "epd bf16 torch": _greedy_ours(model_dir, prompts, max_tokens, "torch", "bfloat16"),
+            "epd fp32 triton": _greedy_ours(model_dir, prompts, max_tokens, "triton", "float32")}
+    result = {"prompts": n_prompts, "max_tokens": max_tokens, "reference": "transformers fp32"}
+    for name, toks in runs.items():
+        before = [next((i for i, (a, b) in enumerate(zip(r, t)) if a != b), len(r)) for r, t in zip(ref, toks)]
+        result[name] = {"tokens_before_divergence": sum(before) / (n_prompts * max_tokens),
+                        "prompts_identical": sum(b == max_tokens for b in before) / n_prompts}
+    return result
 
 
 def main() -> None:
@@ -286,6 +330,7 @@ def main() -> None:
         print(f"[{backend}] engine up in {entry['start_s']:.1f} s; decode reads {wbytes / 1e9:.2f} GB of "
               f"weights: floor {floor_ms:.2f} ms/step", flush=True)
         runner_times = _runner_timer(engine)
+        host = _host_timers(engine)
         entry["prefill"] = []
         for n, length in prefill_shapes:
             r = bench_prefill(engine, n, length)
@@ -295,11 +340,12 @@ def main() -> None:
         steps = args.torch_steps if backend == "torch" else args.steps
         for ctx in contexts:
             for b in args.batches:
-                r = bench_decode(engine, b, ctx, steps, runner_times)
+                r = bench_decode(engine, b, ctx, steps, runner_times, host)
                 r["x_floor"] = r["step_ms"] / floor_ms
                 entry["decode"].append(r)
                 print(f"[{backend}] decode batch {b:3d} ctx {ctx}: step {r['step_ms']:7.2f} ms "
-                      f"(runner {r['runner_ms']:7.2f}) = {r['x_floor']:5.2f}x floor, {r['tok_s']:9,.0f} tok/s",
+                      f"(runner {r['runner_ms']:7.2f}, schedule {r['schedule_ms']:5.2f}, graph inputs+launch "
+                      f"{r['graph_run_host_ms'] or 0:5.2f}) = {r['x_floor']:5.2f}x floor, {r['tok_s']:9,.0f} tok/s",
                       flush=True)
         entry["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         entry["profiles"] = []
@@ -325,8 +371,11 @@ def main() -> None:
     if args.agreement_model:
         try:
             result["bf16_agreement"] = r = bf16_agreement(args.agreement_model)
-            print(f"bf16 greedy vs transformers: {r['tokens_before_divergence']:.1%} of tokens before the "
-                  f"first divergence, {r['prompts_identical']:.0%} of prompts identical", flush=True)
+            for name, v in r.items():
+                if isinstance(v, dict):
+                    print(f"greedy vs transformers fp32, {name}: {v['tokens_before_divergence']:.1%} of tokens "
+                          f"before the first divergence, {v['prompts_identical']:.0%} of prompts identical",
+                          flush=True)
         except Exception as e:  # the figures above are kept
             print(f"bf16 agreement failed: {e!r}", flush=True)
     if args.out:
