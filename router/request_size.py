@@ -1,0 +1,170 @@
+"""A request's size in tokens, counted in the router without torch or transformers.
+
+The router needs it to predict (prefill cost grows with the prompt, encode cost with the
+images) before any worker sees the request. It follows the workers' rule
+(``stages/engine/prompt_ids.py``), rebuilt on the ``tokenizers`` library and ``jinja2``:
+
+- chat: the model's chat template renders the messages (as transformers renders them:
+  trim_blocks, lstrip_blocks, the special tokens as variables); the text is tokenized with
+  the tokenizer's special tokens unless it already begins with the bos token;
+- completion text: tokenized with the special tokens; completion ids: counted as given;
+- each image placeholder becomes the image's tokens, from the family's arithmetic on the
+  image's size (read from its header; never decoded): LLaVA a fixed
+  ``(image_size / patch_size) ** 2`` (+1 with the CLS feature), Qwen2.5-VL the resized grid
+  ``(h / patch) * (w / patch) / merge ** 2`` with h, w rounded to ``patch * merge`` inside
+  ``[min_pixels, max_pixels]``.
+
+The worker's count stays the truth (it runs the request); the router counts every
+disagreement (``epd:prompt_token_count_mismatch_total``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("epd.router")
+
+
+@dataclass
+class RequestSize:
+    prompt_tokens: int  # the whole prompt, images expanded
+    image_tokens: list[int] = field(default_factory=list)  # per image, in order
+    exact: bool = True  # False: an estimate (no tokenizer could be loaded)
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header (PIL reads no pixel data for this)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
+def qwen_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Height and width rounded to multiples of ``factor`` with their product in [min, max] pixels."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+class ImageTokens:
+    """Tokens an image expands to, per family, from its width and height."""
+
+    def __init__(self, model_dir: Path, config: dict):
+        self.kind = config.get("model_type", "")
+        vc = config.get("vision_config") or {}
+        pre = _json(model_dir / "preprocessor_config.json")
+        if self.kind == "llava":
+            n = (vc.get("image_size", 336) // vc.get("patch_size", 14)) ** 2
+            self.fixed = n if config.get("vision_feature_select_strategy", "default") == "default" else n + 1
+        elif self.kind in ("qwen2_5_vl", "qwen2_vl"):
+            self.fixed = None
+            self.patch = pre.get("patch_size", vc.get("patch_size", 14))
+            self.merge = pre.get("merge_size", vc.get("spatial_merge_size", 2))
+            size = pre.get("size") or {}
+            self.min_pixels = pre.get("min_pixels") or size.get("shortest_edge") or 56 * 56
+            self.max_pixels = pre.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
+        else:
+            raise ValueError(f"no image-token arithmetic for model type {self.kind!r}")
+
+    def count(self, data: bytes) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        width, height = image_size(data)
+        h, w = qwen_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+        return (h // self.patch) * (w // self.patch) // self.merge ** 2
+
+
+class PromptSizer:
+    """Counts a request's prompt tokens the way the workers will (see the module docstring)."""
+
+    def __init__(self, model_dir: str | Path):
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from tokenizers import Tokenizer
+
+        d = Path(model_dir)
+        self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        tcfg = _json(d / "tokenizer_config.json")
+        template = tcfg.get("chat_template")
+        if (d / "chat_template.jinja").exists():
+            template = (d / "chat_template.jinja").read_text()
+        elif (d / "chat_template.json").exists():
+            template = _json(d / "chat_template.json").get("chat_template", template)
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+
+        def special(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        self.specials = {k: special(v) for k, v in tcfg.items() if k.endswith("_token") and special(v)}
+        self.bos = self.specials.get("bos_token")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+        def raise_exception(message):
+            raise ValueError(message)
+
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(template) if template else None
+        config = _json(d / "config.json")
+        self.placeholder = config.get("image_token_id", config.get("image_token_index"))
+        try:
+            self.images = ImageTokens(d, config) if config.get("vision_config") else None
+        except ValueError as e:
+            log.warning("%s: image tokens will be estimated", e)
+            self.images = None
+
+    def text_ids(self, req) -> list[int]:
+        if req.prompt_token_ids is not None:
+            return list(req.prompt_token_ids)
+        if req.messages is not None:
+            if self.template is None:
+                raise ValueError("the model has no chat template")
+            text = self.template.render(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
+                                        **self.specials)
+            wrote_bos = bool(self.bos) and text.startswith(self.bos)
+            return self.tokenizer.encode(text, add_special_tokens=not wrote_bos).ids
+        return self.tokenizer.encode(req.prompt or "", add_special_tokens=True).ids
+
+    def count(self, req) -> RequestSize:
+        ids = self.text_ids(req)
+        if not req.images:
+            return RequestSize(len(ids))
+        exact = self.images is not None
+        per_image = [self.images.count(b) if exact else 576 for b in req.images]
+        placeholders = ids.count(self.placeholder) if self.placeholder is not None else len(req.images)
+        return RequestSize(len(ids) - placeholders + sum(per_image), per_image, exact)
+
+
+def estimate(req) -> RequestSize:
+    """Without a tokenizer: about four characters a token, 576 tokens an image."""
+    if req.prompt_token_ids is not None:
+        n = len(req.prompt_token_ids)
+    elif req.messages is not None:
+        n = sum(len(p.get("text", "")) if isinstance(p, dict) else 0
+                for msg in req.messages
+                for p in (msg.get("content") if isinstance(msg.get("content"), list) else [{"text": msg.get("content") or ""}])) // 4 + 8
+    else:
+        n = len(req.prompt or "") // 4 + 1
+    return RequestSize(n + 576 * len(req.images), [576] * len(req.images), exact=False)
