@@ -184,6 +184,9 @@ class StageWorker(PeerCacheMixin):
     async def _heartbeats(self) -> None:
         eng = self.engine
         while True:
+            if time.monotonic() - self.heard > ROUTER_SILENT_S:  # nobody listens: do not pile them up
+                await asyncio.sleep(HEARTBEAT_S)
+                continue
             blocks, sched = eng.blocks, eng.scheduler
             await self.sock.send(m.Heartbeat(
                 self.worker_id, self.incarnation, len(sched.running), len(sched.waiting),

@@ -34,14 +34,14 @@ KILL_AFTER = 6  # tokens every stream must have streamed before the kill
 class Serve:
     """``epd-serve`` in a subprocess, and what a test needs from outside it."""
 
-    def __init__(self, model: str, log_dir):
+    def __init__(self, model: str, log_dir, config=ROOT / "configs" / "1e1p1d.yaml"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_dir / "epd-serve.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.serve", "--config", str(ROOT / "configs" / "1e1p1d.yaml"),
-             "--model", model, "--port", str(self.port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [sys.executable, "-m", "router.serve", "--config", str(config), "--model", model,
+             "--port", str(self.port), "--sdk-port", str(free_port())], cwd=ROOT, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_healthy(240)
 
     def health(self) -> tuple[int, dict]:

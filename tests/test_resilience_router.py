@@ -226,3 +226,34 @@ def test_registering_again(same_incarnation):
         await core.close()
 
     asyncio.run(main())
+
+
+def test_prefill_dies_while_its_kv_is_pulled():
+    """P answered (first token streamed, KV parked) and died; D's pull fails with a 503: the
+    request resumes on a decode worker from that first token, and the holder is suspect."""
+    async def main():
+        core, addr = await _router()
+        p = await FakeWorker(addr, "prefill-0", "prefill", {"zmq": "tcp://p"}).start()
+        d = await FakeWorker(addr, "decode-0", "decode", {"zmq": "tcp://d"}).start()
+        await _until(lambda: core.health()[0] and len(core.registry.workers) == 2)
+        out: list = []
+        client = asyncio.create_task(_collect(core, _req(), out))
+        gen = await p.next(m.GenerateRequest)
+        assert gen.prefill_only
+        await p.delta("r1", [5], 1)
+        await p.sock.send(m.PrefillDone("r1", m.HandoffHeader([1, 2, 3], [5], {}), "kv/r1", p.transfer))
+        dec = await d.next(m.DecodeRequest)
+        assert dec.kv_key == "kv/r1"
+        await d.sock.send(m.PullFailed("r1", p.transfer, "TransferTimeout: no answer"))
+        await d.sock.send(m.RequestFailed("r1", 503, "TransferTimeout: no answer", "internal_error"))
+        resumed = await d.next(m.GenerateRequest)
+        assert resumed.request_id == "r1@r1" and not resumed.prefill_only and resumed.resume.token_ids == [5]
+        assert core.health()[1]["workers"]["prefill-0"]["state"] == "suspect"
+        await d.delta("r1@r1", [6], 2, "length")
+        await asyncio.wait_for(client, 5)
+        assert [t for x in out for t in x.token_ids] == [5, 6] and core.recoveries["decode"] == 1
+        p.close()
+        d.close()
+        await core.close()
+
+    asyncio.run(main())
