@@ -200,6 +200,17 @@ def call_text(dep, path: str) -> str:
     return asyncio.run(go())
 
 
+def test_epd_bench_needs_no_tokenizer(dep, capsys):
+    """epd-bench takes the model name and its directory from /v1/models."""
+    from perf.epd_bench.cli import main
+
+    out = dep.log_dir / "bench.json"
+    assert main(["--base-url", dep.url, "--num-prompts", "2", "--input-len", "8", "--output-len", "2",
+                 "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"] == dep.name and res["runs"][0]["summary"]["completed"] == 2
+
+
 def test_sdk_refuses_n(dep):
     from bus.client import Client, ClientRequestError
 

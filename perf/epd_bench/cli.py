@@ -1,9 +1,12 @@
 """``epd-bench``: drive an OpenAI-compatible chat server with a synthetic or recorded load.
 
-    epd-bench --base-url http://127.0.0.1:8000 --model tiny-llava --tokenizer /tmp/llava-tiny \
+    epd-bench --base-url http://127.0.0.1:8000 \
         --dataset random-mm --input-len 64 --output-len 32 --images-per-request 1 \
         --image-sizes 112x112 --num-prompts 64 --request-rate 1,2,4,inf --max-concurrency 16 \
         --slo-ttft-ms 500 --slo-tpot-ms 100 --out results.json
+
+``--model`` and ``--tokenizer`` default to what the server reports in ``/v1/models`` (its only
+model and that model's directory, when it is on this host).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import platform
 import resource
 import time
+import urllib.request
 from pathlib import Path
 
 from . import datasets
@@ -24,7 +28,8 @@ from .metrics import goodput, summarize
 
 def add_load_args(ap: argparse.ArgumentParser) -> None:
     """The dataset and load flags, shared with ``side_by_side``."""
-    ap.add_argument("--tokenizer", help="model/tokenizer directory (random datasets)")
+    ap.add_argument("--tokenizer", help="model/tokenizer directory (random datasets; default: the model "
+                                        "directory the server reports in /v1/models, when it is on this host)")
     ap.add_argument("--dataset", choices=("random", "random-mm", "jsonl"), default="random")
     ap.add_argument("--input-len", default="64", help="prompt tokens: N or LO-HI (uniform)")
     ap.add_argument("--output-len", default="32", help="output tokens: N or LO-HI (uniform)")
@@ -59,7 +64,8 @@ def build_requests(args, seed: int | None = None) -> list[datasets.Request]:
             raise SystemExit("--dataset jsonl needs --jsonl PATH")
         return datasets.jsonl_requests(args.jsonl, args.num_prompts, out_len)
     if not args.tokenizer:
-        raise SystemExit(f"--dataset {args.dataset} needs --tokenizer DIR")
+        raise SystemExit(f"--dataset {args.dataset} needs --tokenizer DIR (the server reports no model "
+                         f"directory on this host)")
     images = datasets.parse_range(args.images_per_request) if args.dataset == "random-mm" else (0, 0)
     return datasets.random_requests(datasets.load_tokenizer(args.tokenizer), args.num_prompts,
                                     datasets.parse_range(args.input_len), out_len,
@@ -129,13 +135,32 @@ def format_run(run: dict) -> str:
     return "\n".join(lines)
 
 
+def served_model(base_url: str, name: str | None) -> tuple[str, str | None]:
+    """(model name, its model directory when the server reports one that exists here) from /v1/models;
+    without ``name`` the server must serve exactly one model."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=10) as r:
+            models = json.loads(r.read())["data"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"cannot list the models of {base_url}: {e}") from None
+    if name is None:
+        if len(models) != 1:
+            raise SystemExit(f"{base_url} serves {len(models)} models; pick one with --model")
+        name = models[0]["id"]
+    root = next((m.get("root") for m in models if m.get("id") == name), None)
+    return name, root if root and Path(root, "config.json").is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="epd-bench", description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", default="http://127.0.0.1:8000")
-    ap.add_argument("--model", required=True, help="served model name")
+    ap.add_argument("--model", help="served model name (default: the server's only model)")
     ap.add_argument("--out", help="results JSON")
     add_load_args(ap)
     args = ap.parse_args(argv)
+    if args.model is None or (args.tokenizer is None and args.dataset != "jsonl"):
+        args.model, root = served_model(args.base_url, args.model)
+        args.tokenizer = args.tokenizer or root
     res = run_sweep(args, args.base_url, args.model)
     if res["goodput_rate"] is not None or args.slo_ttft_ms or args.slo_tpot_ms:
         print(f"goodput (highest rate with >= 90% within SLO): {res['goodput_rate']}")
