@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import time
+import urllib.request
 
 import aiohttp
 import openai
@@ -220,3 +221,76 @@ def test_sdk_refuses_n(dep):
             c.generate(prompt="hi", max_tokens=2, n=2)
     finally:
         c.close()
+
+
+# ---- the HTTP layer alone (a scripted backend): aborts, errors and the key with n > 1 ----------
+
+@pytest.fixture(scope="module")
+def scripted():
+    from router.api import make_app
+    from tests.test_api_http import LIMITS, ScriptBackend, Server
+
+    backend = ScriptBackend()
+    srv = Server(make_app(backend, LIMITS, api_key="k"))
+    yield srv, backend
+    srv.stop()
+
+
+def _post(url: str, body: dict, key: str | None = "k"):
+    async def go():
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=body, headers=headers) as r:
+                return r.status, await r.text()
+    return asyncio.run(go())
+
+
+def test_n_samples_against_a_scripted_backend(scripted):
+    srv, backend = scripted
+    status, text = _post(srv.url + "/v1/completions", {"model": "tiny-vlm", "prompt": "hi", "n": 2})
+    out = json.loads(text)
+    assert status == 200 and [c["index"] for c in out["choices"]] == [0, 1]
+    assert out["usage"] == {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19,
+                            "prompt_tokens_details": {"cached_tokens": 4}}
+    rid = out["id"].removeprefix("cmpl-")
+    assert {f"{rid}-0", f"{rid}-1"} <= set(backend.requests)
+    # One sample failing mid-stream ends the stream with one error event, then [DONE].
+    status, text = _post(srv.url + "/v1/chat/completions", {"model": "tiny-vlm", "n": 2, "stream": True,
+                                                           "messages": [{"role": "user", "content": "error-mid"}]})
+    events = [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]"
+    assert [json.loads(e).get("error", {}).get("message") for e in events[:-1]].count("decode worker died") == 1
+
+
+def test_n_samples_aborted_together_when_the_client_leaves(scripted):
+    srv, backend = scripted
+
+    async def go():
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer k"}) as s:
+            async with s.post(srv.url + "/v1/chat/completions", json={
+                    "model": "tiny-vlm", "n": 3, "stream": True,
+                    "messages": [{"role": "user", "content": "slow"}]}) as r:
+                seen = set()
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        seen.add(json.loads(line[6:])["choices"][0]["index"])
+                    if len(seen) == 3:
+                        return json.loads(line[6:])["id"].removeprefix("chatcmpl-")
+
+    rid = asyncio.run(go())
+    deadline = time.monotonic() + 5
+    while len([a for a in backend.aborts if a.startswith(rid)]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(a for a in backend.aborts if a.startswith(rid)) == [f"{rid}-{i}" for i in range(3)]
+
+
+def test_api_key_guards_v1_only(scripted):
+    srv, _ = scripted
+    body = {"model": "tiny-vlm", "prompt": "hi"}
+    assert _post(srv.url + "/v1/completions", body, key=None)[0] == 401
+    status, text = _post(srv.url + "/v1/completions", body, key="wrong")
+    assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
+    assert _post(srv.url + "/v1/completions", body)[0] == 200
+    for path in ("/health", "/version", "/metrics"):  # open, as in vLLM
+        with urllib.request.urlopen(srv.url + path) as r:
+            assert r.status == 200
