@@ -13,7 +13,7 @@ Results JSON (every round's figures) to ``perf/out/serve_vllm.json``.
 A system is a config name from ``configs/`` (optionally ``:ucx|shm|zmq|auto`` to force
 the transfer backend) or ``vllm``.
 
-    python perf/bench_serve_vllm.py --vllm /work/vllm-venv \
+    python perf/bench_serve_vllm.py --vllm ~/vllm-cpu-venv \
         --systems aggregated,1p1d,1e1p1d,vllm --rounds 3 --num-prompts 64 --max-concurrency 8
 """
 
