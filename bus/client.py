@@ -2,7 +2,7 @@
 
     from bus.client import Client, AsyncClient, image_part
 
-    c = Client("tcp://127.0.0.1:7200", model="tiny-llava")
+    c = Client("tcp://127.0.0.1:7102", model="tiny-llava")   # epd-serve --sdk-port (default 7102)
     out = c.generate(messages=[{"role": "user", "content": [image_part(png_bytes),
                                                           {"type": "text", "text": "What is it?"}]}],
                      max_tokens=32, temperature=0)
@@ -25,6 +25,11 @@ from typing import AsyncIterator, Iterator
 
 from bus import messages as m
 from bus.sockets import AsyncSocket, SyncSocket
+
+
+def _silent(address: str, timeout: float) -> TimeoutError:
+    return TimeoutError(f"no answer from a router at {address} within {timeout:g} s; is epd-serve (or "
+                        f"epd-router) running there? It prints its SDK address on start (--sdk-port, default 7102)")
 
 
 class ClientRequestError(RuntimeError):
@@ -92,7 +97,7 @@ class AsyncClient:
 
     def __init__(self, address: str, model: str | None = None, timeout: float = 300.0):
         self.sock = AsyncSocket("dealer", address, bind=False, identity=f"client-{uuid.uuid4().hex}".encode())
-        self.model, self.timeout = model, timeout
+        self.address, self.model, self.timeout = address, model, timeout
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
 
@@ -120,7 +125,10 @@ class AsyncClient:
         try:
             await self.sock.send(m.ClientRequest(rid, kind, body))
             while True:
-                msg = await asyncio.wait_for(q.get(), self.timeout)
+                try:
+                    msg = await asyncio.wait_for(q.get(), self.timeout)
+                except TimeoutError:
+                    raise _silent(self.address, self.timeout) from None
                 d = _delta(msg)
                 finished = d.finish_reason is not None
                 yield d
@@ -147,7 +155,10 @@ class AsyncClient:
         self._ensure_reader()
         try:
             await self.sock.send(m.HealthQuery())
-            reply = await asyncio.wait_for(q.get(), self.timeout)
+            try:
+                reply = await asyncio.wait_for(q.get(), self.timeout)
+            except TimeoutError:
+                raise _silent(self.address, self.timeout) from None
             return reply.ready, reply.detail
         finally:
             self._queues.pop("health", None)
@@ -163,7 +174,7 @@ class Client:
 
     def __init__(self, address: str, model: str | None = None, timeout: float = 300.0):
         self.sock = SyncSocket("dealer", address, bind=False, identity=f"client-{uuid.uuid4().hex}".encode())
-        self.model, self.timeout = model, timeout
+        self.address, self.model, self.timeout = address, model, timeout
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                prompt_token_ids: list[int] | None = None, model: str | None = None,
@@ -174,7 +185,7 @@ class Client:
         try:
             self.sock.send(m.ClientRequest(rid, kind, body))
             while True:
-                _, msg = self.sock.recv(timeout=self.timeout)
+                _, msg = self._recv()
                 if getattr(msg, "request_id", None) != rid:
                     continue  # a late reply of an earlier, abandoned request
                 d = _delta(msg)
@@ -199,9 +210,15 @@ class Client:
     def health(self) -> tuple[bool, dict]:
         self.sock.send(m.HealthQuery())
         while True:
-            _, msg = self.sock.recv(timeout=self.timeout)
+            _, msg = self._recv()
             if isinstance(msg, m.HealthReply):
                 return msg.ready, msg.detail
+
+    def _recv(self):
+        try:
+            return self.sock.recv(timeout=self.timeout)
+        except TimeoutError:
+            raise _silent(self.address, self.timeout) from None
 
     def close(self) -> None:
         self.sock.close()

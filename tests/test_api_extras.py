@@ -294,3 +294,28 @@ def test_api_key_guards_v1_only(scripted):
     for path in ("/health", "/version", "/metrics"):  # open, as in vLLM
         with urllib.request.urlopen(srv.url + path) as r:
             assert r.status == 200
+
+
+def test_sdk_client_says_why_nothing_answers():
+    """A wrong SDK address is a clear TimeoutError naming the address, not a silent wait."""
+    from bus.client import AsyncClient, Client
+    from router.serve import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    c = Client(address, model="m", timeout=0.3)
+    try:
+        with pytest.raises(TimeoutError, match=f"no answer from a router at {address}.*--sdk-port"):
+            c.generate(prompt="hi", max_tokens=1)
+        with pytest.raises(TimeoutError, match="epd-serve"):
+            c.health()
+    finally:
+        c.close()
+
+    async def go():
+        ac = AsyncClient(address, model="m", timeout=0.3)
+        try:
+            with pytest.raises(TimeoutError, match=address):
+                await ac.generate(prompt="hi", max_tokens=1)
+        finally:
+            ac.close()
+    asyncio.run(go())
