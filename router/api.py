@@ -44,7 +44,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 def _error_response(err: ApiError) -> web.Response:
     return web.Response(status=err.status, body=dumps(err.to_dict()),
-                        content_type="application/json")
+                        content_type="application/json", headers=getattr(err, "headers", None))
 
 
 def _server_error(message: str = "internal server error") -> ApiError:

@@ -33,6 +33,8 @@ class ApiRequest:
     stream: bool
     add_generation_prompt: bool = True
     arrival_time: float = 0.0           # time.time() when the HTTP request arrived
+    slo: dict | None = None             # {"ttft_ms", "tpot_ms"} over the router's defaults
+    priority: int = 0                   # higher first (carried; dispatch does not reorder yet)
 
 
 @dataclass
@@ -62,13 +64,14 @@ class ApiError(Exception):
     """
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers  # extra HTTP headers, e.g. Retry-After on a 429
 
     def to_dict(self) -> dict[str, Any]:
         """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""

@@ -18,6 +18,7 @@ workers: every image is encoded, every prefix computed.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 
@@ -48,19 +49,8 @@ class ClusterCacheMixin:
         way for another request, or from an encode of the rest sent now. An image whose encode
         failed with a worker (dead encoder, 503) gets an empty ref: the prefill worker encodes it;
         only a bad image (4xx) fails the request."""
-        req = flight.req
-        if self.cluster_cache:
-            keys = [image_bytes_key(b) for b in req.images]
-        else:  # keys no other request shares: nothing found, nothing shared
-            keys = [f"{req.request_id}#{i}" for i in range(len(req.images))]
-        alive = {w.worker_id for w in self.registry.alive("encode")}
-        refs: list[m.ImageRef | None] = [self.index.embedding_for(k, alive) if self.cluster_cache else None
-                                         for k in keys]
+        keys, refs, todo = self._images_to_encode(flight.req)
         self.cache_stats["images_from_cluster_cache"] += sum(r is not None for r in refs)
-        todo: dict[str, int] = {}  # bytes key -> index of its first image, for this request to encode
-        for i, (k, ref) in enumerate(zip(keys, refs)):
-            if ref is None and k not in self.encoding and k not in todo:
-                todo[k] = i
         waits = {k: self.encoding[k] for k, r in zip(keys, refs) if r is None and k in self.encoding}
         self.cache_stats["images_encode_shared"] += len(waits)
         mine: dict[str, asyncio.Future] = {}
@@ -69,18 +59,10 @@ class ClusterCacheMixin:
             for k in todo:
                 fut = self.encoding[k] = mine[k] = loop.create_future()
                 fut.add_done_callback(_retrieve)
-            try:
-                worker = await self._to(flight, "encode",
-                                        m.EncodeRequest(flight.wire_id, [req.images[i] for i in todo.values()]),
-                                        wait=False)  # no encoder now: the prefill worker encodes
-            except ApiError as e:
-                for k in todo:
-                    self._settle(k, error=e)
-                if e.status < 500:
-                    raise
-                worker = None  # no encoder after all: the prefill worker encodes
-            if worker is not None:
-                self.encode_jobs[flight.wire_id] = (worker.worker_id, list(todo))
+            if flight.plan is not None and any(flight.plan.encoders[i] for i in todo.values()):
+                await self._encode_as_planned(flight, todo)
+            else:
+                await self._encode_on_one(flight, todo)
         got: dict[str, m.ImageRef | None] = {}
         for k, fut in {**waits, **mine}.items():
             try:
@@ -92,6 +74,68 @@ class ClusterCacheMixin:
                 if k in todo:
                     self.recoveries["encode"] += 1
         return [ref or got.get(k) or m.ImageRef("", 0, None, {}) for k, ref in zip(keys, refs)]
+
+    def _images_to_encode(self, req) -> tuple[list[str], list, dict[str, int]]:
+        """(bytes key per image, the cluster's ref per image or None, {key: index of its first
+        image} for the images this request must encode: not held by an alive encoder, not being
+        encoded for another request)."""
+        if self.cluster_cache:
+            keys = [image_bytes_key(b) for b in req.images]
+        else:  # keys no other request shares: nothing found, nothing shared
+            keys = [f"{req.request_id}#{i}" for i in range(len(req.images))]
+        alive = {w.worker_id for w in self.registry.alive("encode")}
+        refs: list[m.ImageRef | None] = [self.index.embedding_for(k, alive) if self.cluster_cache else None
+                                         for k in keys]
+        todo: dict[str, int] = {}
+        for i, (k, ref) in enumerate(zip(keys, refs)):
+            if ref is None and k not in self.encoding and k not in todo:
+                todo[k] = i
+        return keys, refs, todo
+
+    async def _encode_on_one(self, flight, todo: dict[str, int]) -> None:
+        """Every image of ``todo`` to one encode worker (the policy's ``choose``)."""
+        req = flight.req
+        try:
+            worker = await self._to(flight, "encode",
+                                    m.EncodeRequest(flight.wire_id, [req.images[i] for i in todo.values()]),
+                                    wait=False)  # no encoder now: the prefill worker encodes
+        except ApiError as e:
+            for k in todo:
+                self._settle(k, error=e)
+            if e.status < 500:
+                raise
+            return  # no encoder after all: the prefill worker encodes
+        self.encode_jobs[flight.wire_id] = (worker.worker_id, list(todo))
+
+    async def _encode_as_planned(self, flight, todo: dict[str, int]) -> None:
+        """Each planned encoder gets its images under its own id (``<wire id>#e<j>``), all in
+        parallel; an image whose encoder died meanwhile goes to the policy's pick of the others."""
+        req, plan = flight.req, flight.plan
+        alive = {w.worker_id: w for w in self.registry.alive("encode")}
+        groups: dict[str, list[str]] = {}
+        for k, i in todo.items():
+            wid = plan.encoders[i]
+            if wid not in alive:
+                if not alive:  # the prefill worker encodes it
+                    self._settle(k, error=ApiError(503, "no encode worker is available", "server_error"))
+                    continue
+                wid = plan.encoders[i] = self.policy.choose("encode", list(alive.values()), req).worker_id
+            groups.setdefault(wid, []).append(k)
+        flight.stage, flight.owner = "encode", None
+        now = time.monotonic()
+        for j, (wid, keys) in enumerate(sorted(groups.items())):
+            worker, sub = alive[wid], f"{flight.wire_id}#e{j}"
+            self.encode_jobs[sub] = (wid, keys)
+            flight.workers.add(wid)
+            worker.in_flight.add(req.request_id)
+            plan.started[wid] = now
+            try:
+                await self.sock.send(m.EncodeRequest(sub, [req.images[todo[k]] for k in keys]), to=wid.encode())
+            except PeerGone:  # gone since its last message: the prefill worker encodes these
+                self.encode_jobs.pop(sub, None)
+                worker.in_flight.discard(req.request_id)
+                for k in keys:
+                    self._settle(k, error=ApiError(503, f"the encode worker {wid} is gone", "server_error"))
 
     def _settle(self, key: str, ref: m.ImageRef | None = None, error: Exception | None = None) -> None:
         fut = self.encoding.pop(key, None)
@@ -107,6 +151,7 @@ class ClusterCacheMixin:
         if req.model not in self.served_models:
             raise ApiError(404, f"the model {req.model!r} does not exist", code="model_not_found")
         has = {r: any(w.role == r for w in reg.workers.values()) for r in ("mixed", "prefill")}  # the shape
+        flight.plan = self._plan_request(flight, mixed=has["mixed"] and not has["prefill"])
         if has["mixed"] and not has["prefill"]:
             await self._to(flight, "mixed", self._generate_msg(flight, prefill_only=False))
         elif req.images and reg.alive("encode"):
@@ -141,6 +186,9 @@ class ClusterCacheMixin:
         # Encode results settle every request waiting on them, even when their own client left.
         if isinstance(msg, m.EncodeDone):
             job = self.encode_jobs.pop(msg.request_id, None)
+            if job is not None and "#e" in msg.request_id and rec is not None:  # a planned encode's part
+                base = msg.request_id.partition("#e")[0]
+                rec.in_flight.discard(base.rpartition("@r")[0] if "@r" in base else base)
             if job is not None:
                 for k, ref in zip(job[1], msg.images):
                     if self.cluster_cache:
@@ -149,6 +197,9 @@ class ClusterCacheMixin:
                     self._settle(k, ref)
         elif isinstance(msg, m.RequestFailed) and msg.request_id in self.encode_jobs:
             _, keys = self.encode_jobs.pop(msg.request_id)
+            if "#e" in msg.request_id and rec is not None:
+                base = msg.request_id.partition("#e")[0]
+                rec.in_flight.discard(base.rpartition("@r")[0] if "@r" in base else base)
             for k in keys:
                 self._settle(k, error=ApiError(msg.status, msg.message, msg.type))
         return False

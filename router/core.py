@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -38,7 +39,9 @@ from bus import messages as m
 from bus.sockets import AsyncSocket, PeerGone
 from router.backend import ApiDelta, ApiError, ApiRequest
 from router.cluster_cache import ClusterCacheMixin
-from router.policy import DispatchPolicy, LeastLoaded
+from router.plan import Plan, Planner, Slo
+from router.plan_metrics import PlanMetrics
+from router.policy import DispatchPolicy, PlanInputs, SloAware
 from router.registry import Registry, WorkerRecord
 from router.tokenize import TokenizeMixin
 
@@ -67,6 +70,7 @@ class _Flight:
     text_len: int = 0  # characters of the answer the client has been sent
     logprob_sum: float | None = None
     recovering: bool = False
+    plan: Plan | None = None  # chosen at admission by the policy (router.plan)
 
     def __post_init__(self):
         self.wire_id = self.wire_id or self.req.request_id
@@ -75,9 +79,10 @@ class _Flight:
 class RouterCore(ClusterCacheMixin, TokenizeMixin):
     def __init__(self, served_models: list[str], policy: DispatchPolicy | None = None,
                  expected: dict[str, int] | None = None, heartbeat_timeout: float = 5.0, metrics=None,
-                 cluster_cache: bool = True, retry_budget: int = 2, worker_wait_s: float = 60.0):
+                 cluster_cache: bool = True, retry_budget: int = 2, worker_wait_s: float = 60.0,
+                 slo: Slo | None = None, max_queue_s: float | None = None, plan_metrics: PlanMetrics | None = None):
         self.served_models = served_models
-        self.policy = policy or LeastLoaded()
+        self.policy = policy or SloAware()
         self.expected = expected or {}
         self.registry = Registry(heartbeat_timeout)
         self.flights: dict[str, _Flight] = {}
@@ -89,6 +94,9 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self.pub: AsyncSocket | None = None
+        self.planner = Planner(self.registry, self.flights, slo)
+        self.max_queue_s = max_queue_s  # admission: 429 when every plan waits longer (None: queue)
+        self.plan_metrics = plan_metrics or PlanMetrics()
         self._init_cluster_cache(cluster_cache)
         self._init_tokenize()
 
@@ -191,7 +199,11 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
             if flight.done:
                 raise ApiError(499, "the client left", "server_error")
             candidates = [w for r in roles for w in reg.alive(r)]
-            if candidates:
+            planned = flight.plan.worker_for(roles) if flight.plan is not None else None
+            for w in candidates:
+                if w.worker_id == planned:
+                    return w
+            if candidates:  # no plan, or its worker is gone: this stage is chosen anew
                 return self.policy.choose(roles[0], candidates, flight.req)
             awaited = [w for r in roles for w in reg.may_return(r)]
             names = " or ".join(roles)
@@ -207,6 +219,34 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
                                "server_error")
             await asyncio.sleep(0.2)
 
+    def _plan_request(self, flight: _Flight, mixed: bool) -> Plan | None:
+        """The policy's plan for ``flight`` over the workers alive now (None when no prefill-capable
+        worker is: the stages then wait or fail as usual). With admission on, a 429 when even the
+        plan that waits least would queue past ``max_queue_s``."""
+        req, reg = flight.req, self.registry
+        prefills = reg.alive("mixed" if mixed else "prefill")
+        if not prefills:
+            return None
+        encoders = reg.alive("encode") if req.images and not mixed else []
+        todo = list(self._images_to_encode(req)[2].values()) if encoders else list(range(len(req.images)))
+        size = self.planner.size(req)
+        slo = Slo.of(self.planner.slo, getattr(req, "slo", None))
+        max_tokens = req.sampling.get("max_tokens") or 16
+        inputs = PlanInputs(req, size, todo, encoders, prefills, [] if mixed else reg.alive("decode"), slo, max_tokens)
+        plan = self.policy.plan(self.planner, inputs)
+        plan.slo = slo
+        old = flight.plan
+        plan.admitted_at = old.admitted_at if old is not None else time.monotonic()
+        if self.max_queue_s is not None and flight.attempt == 0:
+            wait = self.planner.least_wait(inputs)
+            if wait > self.max_queue_s:
+                self.plan_metrics.rejected.labels(reason="queue").inc()
+                raise ApiError(429, f"the server is busy: the shortest predicted queue is {wait:.1f} s, over the "
+                                    f"limit of {self.max_queue_s:g} s; retry later", type="requests",
+                               code="rate_limit_exceeded",
+                               headers={"Retry-After": str(max(1, math.ceil(wait - self.max_queue_s)))})
+        return plan
+
     async def _to(self, flight: _Flight, roles: str | tuple[str, ...], msg, wait: bool = True) -> WorkerRecord:
         """Send ``msg`` (of the current attempt) to a worker of ``roles``; it owns the stage now."""
         roles = (roles,) if isinstance(roles, str) else roles
@@ -218,6 +258,8 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
             flight.workers.add(worker.worker_id)
             worker.in_flight.add(rid)
             flight.stage, flight.owner = worker.role, (worker.worker_id, worker.info.incarnation)
+            if flight.plan is not None:
+                flight.plan.started[worker.worker_id] = time.monotonic()
             try:
                 await self.sock.send(msg, to=worker.worker_id.encode())
                 return worker
@@ -261,6 +303,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
     async def _on_worker_message(self, wid: str, msg) -> None:
         if isinstance(msg, m.WorkerReady):
             rec, old = self.registry.register(msg.info)
+            self.planner.on_ready(msg.info)
             if old is not None:
                 self._worker_lost(old, "it restarted")
             log.info("worker %s registered: %s on %s%s", wid, msg.info.role, msg.info.device,
@@ -273,6 +316,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
         if isinstance(msg, m.Heartbeat):
             was_dead = (rec := self.registry.workers.get(msg.worker_id)) is not None and not rec.alive
             rec = self.registry.heartbeat(msg)
+            self.planner.on_heartbeat(msg)
             if rec is not None and was_dead:
                 log.warning("worker %s is back (it was only silent)", wid)
             if rec is not None and self.metrics is not None:
@@ -333,6 +377,8 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
                          "top": [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob}
                                  for t in lp.top]} for lp in d.logprobs]
             flight.logprob_sum = (flight.logprob_sum or 0.0) + sum(lp.logprob for lp in d.logprobs)
+        if flight.plan is not None:
+            self.plan_metrics.on_delta(flight.plan, flight.req, d, first=not flight.tokens and flight.attempt == 0)
         flight.tokens += d.token_ids
         flight.text_len += len(d.text)
         flight.queue.put_nowait(ApiDelta(d.text, list(d.token_ids), d.finish_reason, d.prompt_tokens,

@@ -28,8 +28,9 @@ class WorkerCost:
     def __init__(self, spec: dict | None):
         spec = dict(spec or {})
         self.spec = spec
-        self.step = {**DEFAULT_STEP, **spec["step"]} if spec.get("step") else dict(DEFAULT_STEP)
-        self.encode = {**DEFAULT_ENCODE, **spec["encode"]} if spec.get("encode") else dict(DEFAULT_ENCODE)
+        # A profile's missing coefficient is 0; a worker without a profile gets the defaults.
+        self.step = dict(spec["step"]) if spec.get("step") else dict(DEFAULT_STEP)
+        self.encode = dict(spec["encode"]) if spec.get("encode") else dict(DEFAULT_ENCODE)
         self.budget = max(int(spec.get("token_budget") or 2048), 1)
         self.correction = {"prefill": 1.0, "decode": 1.0, "encode": 1.0}
         self.observed = {"prefill": 0, "decode": 0, "encode": 0}

@@ -175,6 +175,28 @@ def _n(body: dict) -> int:
     return n
 
 
+def _slo(body: dict) -> dict | None:
+    """The optional ``"slo": {"ttft_ms": ..., "tpot_ms": ...}`` (positive numbers; either may be left out)."""
+    slo = body.get("slo")
+    if slo is None:
+        return None
+    if not isinstance(slo, dict) or set(slo) - {"ttft_ms", "tpot_ms"}:
+        raise _bad("slo", 'an object with "ttft_ms" and/or "tpot_ms"', slo)
+    for key, value in slo.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+            raise _bad(f"slo.{key}", "a positive number of milliseconds", value)
+    return {k: float(v) for k, v in slo.items()}
+
+
+def _priority(body: dict) -> int:
+    priority = body.get("priority", 0)
+    if priority is None:
+        return 0
+    if not _is_int(priority) or abs(priority) > 1 << 31:
+        raise _bad("priority", "an integer", priority)
+    return priority
+
+
 def _content(content: Any, param: str, images: list[tuple[Any, str]]) -> str | list[dict]:
     """Normalised content; appends (image ref, param) for each image part."""
     if isinstance(content, str):
@@ -245,7 +267,8 @@ async def parse_chat(body: dict, served_models: list[str], limits: ApiLimits,
     images = [await resolver.resolve(ref, i, where) for i, (ref, where) in enumerate(refs)]
     req = ApiRequest(request_id=request_id, model=model, kind="chat", messages=messages,
                      prompt=None, prompt_token_ids=None, images=images, sampling=sampling,
-                     stream=stream, add_generation_prompt=agp, arrival_time=arrival_time)
+                     stream=stream, add_generation_prompt=agp, arrival_time=arrival_time,
+                     slo=_slo(body), priority=_priority(body))
     return ParsedRequest(req, include_usage, _flag(body, "return_token_ids"), _n(body))
 
 
@@ -281,7 +304,7 @@ def parse_completion(body: dict, served_models: list[str], limits: ApiLimits,
     sampling = _sampling(body, "completion", limits)
     req = ApiRequest(request_id=request_id, model=model, kind="completion", messages=None,
                      prompt=prompt, prompt_token_ids=prompt_ids, images=[], sampling=sampling,
-                     stream=stream, arrival_time=arrival_time)
+                     stream=stream, arrival_time=arrival_time, slo=_slo(body), priority=_priority(body))
     return ParsedRequest(req, include_usage, _flag(body, "return_token_ids"), _n(body))
 
 

@@ -69,6 +69,20 @@ ENGINE_FLAGS = {"dtype": "--dtype", "device": "--device", "kv_cache_memory_gb": 
                 "load_format": "--load-format", "threads": "--threads"}
 
 
+def slo_args(router_cfg: dict) -> list[str]:
+    """epd-router flags of ``router.slo: {ttft_ms, tpot_ms}`` and ``router.admission: {max_queue_s}``
+    (``off`` or absent: requests queue without bound)."""
+    out: list[str] = []
+    slo = router_cfg.get("slo") or {}
+    for key, flag in (("ttft_ms", "--slo-ttft-ms"), ("tpot_ms", "--slo-tpot-ms")):
+        if slo.get(key) is not None:
+            out += [flag, str(slo[key])]
+    admission = router_cfg.get("admission")
+    if isinstance(admission, dict) and admission.get("max_queue_s") not in (None, "off", False):
+        out += ["--max-queue-s", str(admission["max_queue_s"])]
+    return out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -189,7 +203,7 @@ class Deployment:
         for w in self.cfg["workers"]:
             expect[w["role"]] = expect.get(w["role"], 0) + int(w.get("count", 1))
         router_cfg = self.cfg.get("router") or {}
-        policy = router_cfg.get("policy", "least_loaded")
+        policy = router_cfg.get("policy", "slo_aware")
         api_args: list[str] = []
         for key, flag in API_FLAGS.items():
             value = router_cfg.get(key)
@@ -199,9 +213,12 @@ class Deployment:
             api_args.append("--no-cluster-cache")
         self._spawn("router", [sys.executable, "-m", "router.server", "--served-model-name", self.name,
                                "--host", self.host, "--port", str(self.port), "--worker-addr", self.worker_addr,
+        api_args += slo_args(router_cfg)
+        admin_key = router_cfg.get("admin_key")
                                "--control-addr", self.control_addr, "--client-addr", self.client_addr,
                                "--expect", ",".join(f"{r}={n}" for r, n in expect.items()),
-                               "--policy", policy, *api_args, *self.extra_router_args])
+                               "--policy", policy, *api_args, *self.extra_router_args],
+                    {"EPD_ADMIN_KEY": str(admin_key)} if admin_key else None)  # kept off command lines
         for wid, argv in workers:
             self._spawn(wid, argv, {"OMP_NUM_THREADS": str(self.cfg.get("engine", {}).get("threads") or
                                                             argv[argv.index("--threads") + 1])})

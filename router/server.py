@@ -10,11 +10,14 @@ import signal
 
 from aiohttp import web
 
+from router.admin import add_admin_routes
 from router.api import make_app
 from router.client_front import ClientFront
 from router.core import RouterCore
 from router.limits import ApiLimits
 from router.metrics import ApiMetrics
+from router.plan import Slo
+from router.plan_metrics import PlanMetrics
 from router.policy import POLICIES, make_policy
 from router.worker_metrics import WorkerMetrics
 
@@ -58,7 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="never reuse another worker's image embeddings or prefix KV (for A/B runs); "
                          "default: reuse them")
     ap.add_argument("--expect", default="", help="workers /health waits for, e.g. encode=1,prefill=1,decode=1")
-    ap.add_argument("--policy", default="least_loaded", choices=sorted(POLICIES), help="dispatch policy")
+    ap.add_argument("--policy", default="slo_aware", choices=sorted(POLICIES),
+                    help="dispatch policy: slo_aware plans each request from the workers' measured costs; "
+                         "least_loaded and round_robin are baselines")
+    ap.add_argument("--slo-ttft-ms", type=float, help="time-to-first-token target (a request's body may "
+                                                      "override it with \"slo\": {\"ttft_ms\": ...})")
+    ap.add_argument("--slo-tpot-ms", type=float, help="time-per-output-token target: slo_aware only plans "
+                                                      "decode workers predicted to meet it")
+    ap.add_argument("--max-queue-s", type=float, help="admission: answer 429 (Retry-After) when every plan's "
+                                                      "predicted queueing exceeds this (default: queue)")
+    ap.add_argument("--admin-key", default=None, help="/admin routes then need 'Authorization: Bearer KEY'; "
+                                                      "$EPD_ADMIN_KEY when not given")
     ap.add_argument("--heartbeat-timeout", type=float, default=5.0,
                     help="seconds of silence after which a worker counts as dead")
     ap.add_argument("--retry-budget", type=int, default=2,
@@ -78,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+    args.admin_key = args.admin_key or os.environ.get("EPD_ADMIN_KEY") or None
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     limits = ApiLimits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_images_per_request=args.max_images,
                        max_image_pixels=args.max_image_pixels, remote_images=args.remote_images,
@@ -85,11 +99,16 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     api_metrics = ApiMetrics()
     core = RouterCore([args.served_model_name], make_policy(args.policy), parse_expect(args.expect),
                       args.heartbeat_timeout, WorkerMetrics(api_metrics), cluster_cache=args.cluster_cache,
-                      retry_budget=args.retry_budget, worker_wait_s=args.worker_wait)
+                      retry_budget=args.retry_budget, worker_wait_s=args.worker_wait,
+                      slo=Slo(ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
+                              tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None),
+                      max_queue_s=args.max_queue_s, plan_metrics=PlanMetrics(api_metrics.registry))
     await core.start(args.worker_addr, args.control_addr)
     front = ClientFront(core, limits)
     await front.start(args.client_addr)
-    runner = web.AppRunner(make_app(core, limits, api_metrics, api_key=args.api_key), access_log=None)
+    app = make_app(core, limits, api_metrics, api_key=args.api_key)
+    add_admin_routes(app, core, args.admin_key)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     log.info("router up: http://%s:%d  SDK %s  workers connect to %s", args.host, args.port, args.client_addr,

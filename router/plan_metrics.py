@@ -1,0 +1,69 @@
+"""How good the plans' predictions were, and how many requests met their SLO (``/metrics``).
+
+- ``epd:ttft_prediction_ratio`` / ``epd:tpot_prediction_ratio``: actual / predicted per request
+  (1 is a perfect prediction), labelled by policy;
+- ``epd:slo_attained_total{metric}`` / ``epd:slo_missed_total{metric}`` for requests with an SLO
+  (metric ttft, tpot, or both: the request met every target it had);
+- ``epd:requests_rejected_total{reason}``: admission refusals (429);
+- ``epd:prompt_token_count_mismatch_total``: requests whose prompt the router counted differently
+  from the worker that ran it (the worker's count is used; 0 when the router's tokenizer is right).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+_RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0)
+
+
+class PlanMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = registry if registry is not None else CollectorRegistry()
+        self.ttft_ratio = Histogram("epd:ttft_prediction_ratio", "Actual / predicted time to first token, per "
+                                    "request.", ["policy"], buckets=_RATIO_BUCKETS, registry=r)
+        self.tpot_ratio = Histogram("epd:tpot_prediction_ratio", "Actual / predicted time per output token, per "
+                                    "request.", ["policy"], buckets=_RATIO_BUCKETS, registry=r)
+        self.attained = Counter("epd:slo_attained", "Requests with an SLO that met it, by metric (ttft, tpot, "
+                                "both: every target the request had).", ["metric"], registry=r)
+        self.missed = Counter("epd:slo_missed", "Requests with an SLO that missed it, by metric.", ["metric"],
+                              registry=r)
+        self.rejected = Counter("epd:requests_rejected", "Requests refused at admission (429), by reason.",
+                                ["reason"], registry=r)
+        self.mismatch = Counter("epd:prompt_token_count_mismatch", "Requests whose prompt tokens the router "
+                                "counted differently from the worker.", registry=r)
+        self.mismatch.inc(0)
+        self.rejected.labels(reason="queue").inc(0)
+        self.mismatches = 0
+
+    def on_delta(self, plan, req, delta, first: bool) -> None:
+        """Every delta of a planned request: time its first token and its end."""
+        now = time.monotonic()
+        if first and plan.first_token_at is None:
+            plan.first_token_at = now
+            if delta.prompt_tokens and plan.size.exact and delta.prompt_tokens != plan.size.prompt_tokens:
+                self.mismatches += 1
+                self.mismatch.inc()
+            if plan.ttft_s > 0:
+                self.ttft_ratio.labels(policy=plan.policy).observe((now - plan.admitted_at) / plan.ttft_s)
+        plan.tokens += len(delta.token_ids)
+        if delta.finish_reason is None or plan.first_token_at is None:
+            return
+        ttft = plan.first_token_at - plan.admitted_at
+        tpot = (now - plan.first_token_at) / (plan.tokens - 1) if plan.tokens > 1 else None
+        if tpot is not None and plan.tpot_s > 0:
+            self.tpot_ratio.labels(policy=plan.policy).observe(tpot / plan.tpot_s)
+        slo = plan.slo
+        if slo is None or (slo.ttft_s is None and slo.tpot_s is None):
+            return
+        met = []
+        if slo.ttft_s is not None:
+            met.append(self._count("ttft", ttft <= slo.ttft_s))
+        if slo.tpot_s is not None and tpot is not None:
+            met.append(self._count("tpot", tpot <= slo.tpot_s))
+        self._count("both", all(met))
+
+    def _count(self, metric: str, ok: bool) -> bool:
+        (self.attained if ok else self.missed).labels(metric=metric).inc()
+        return ok
