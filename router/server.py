@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="seconds of silence after which a worker counts as dead")
     ap.add_argument("--retry-budget", type=int, default=2,
                     help="times one request may be moved off a failed worker before it fails")
+    ap.add_argument("--stop-workers", action="store_true",
+                    help="on exit, tell every worker to stop too (default: they stay and register again "
+                         "with the next router on this address)")
     ap.add_argument("--worker-wait", type=float, default=60.0,
                     help="seconds a request waits for a worker of a role none is left of to come back")
     ap.add_argument("--max-body-mb", type=float, default=32, help="largest request body, MiB")
@@ -88,10 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.client_addr = args.client_addr or f"tcp://{args.host}:{args.sdk_port}"
     args.api_key = args.api_key or os.environ.get("EPD_API_KEY") or None
+    args.admin_key = args.admin_key or os.environ.get("EPD_ADMIN_KEY") or None
     return args
 
 
-    args.admin_key = args.admin_key or os.environ.get("EPD_ADMIN_KEY") or None
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     limits = ApiLimits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_images_per_request=args.max_images,
                        max_image_pixels=args.max_image_pixels, remote_images=args.remote_images,
@@ -116,7 +119,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     await stop.wait()
     await runner.cleanup()
     await front.close()
-    await core.close(shutdown_workers=True)
+    await core.close(shutdown_workers=args.stop_workers)
 
 
 def main(argv=None) -> int:

@@ -158,7 +158,8 @@ def _run(url: str, bodies: list[dict], fault=None, late: int = 0) -> list[dict]:
             if fault is not None:
                 while min(progress[:early]) < KILL_AFTER and not all(t.done() for t in tasks):
                     await asyncio.sleep(0.02)
-                assert not any(t.done() for t in tasks), "a stream ended before the fault: make them longer"
+                ended = [t.result() for t in tasks if t.done()]
+                assert not ended, f"a stream ended before the fault (make them longer?): {ended}"
                 await asyncio.get_running_loop().run_in_executor(None, fault)
             tasks += [asyncio.create_task(_stream(s, url, b, progress, early + i))
                       for i, b in enumerate(bodies[early:])]
@@ -232,19 +233,22 @@ def test_kill_decode_seeded_sampling(serve, test_images):
     _served_again(serve, "decode-0", before["inc"], test_images)
 
 
-def test_router_restart(serve, test_images):
-    """kill -9 of the router: epd-serve starts it again on the same addresses and the running
-    workers register with it again, without restarting; streams in flight end (their connection
-    closes), new requests are served."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["kill", "term"])
+def test_router_restart(serve, test_images, sig):
+    """kill -9 (or a graceful stop) of the router: epd-serve starts it again on the same addresses
+    and the running workers register with it again, without restarting; streams in flight end
+    (their connection closes), new requests are served."""
     status, detail = serve.health()
     workers = {wid: (w["pid"], w["incarnation"]) for wid, w in detail["workers"].items()}
     router = serve.children("router.server")
     assert status == 200 and len(router) == 1 and len(serve.children()) == 4
     bodies = _bodies("tiny-llava", test_images, temperature=0)[:2]
     t0 = time.monotonic()
-    got = _run(serve.url, bodies, fault=lambda: os.kill(router[0], signal.SIGKILL))
+    got = _run(serve.url, bodies, fault=lambda: os.kill(router[0], sig))
     assert time.monotonic() - t0 < 60  # they ended, no hang
-    assert all(g["error"] and len(g["ids"]) < MAX_TOKENS for g in got)
+    if sig == signal.SIGKILL:  # a graceful stop may let them finish first
+        assert all(g["error"] and len(g["ids"]) < MAX_TOKENS for g in got)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         status, detail = serve.health()
@@ -257,3 +261,33 @@ def test_router_restart(serve, test_images):
     want = _run(serve.url, bodies[:1])[0]
     assert want["error"] is None and len(want["ids"]) == MAX_TOKENS
     assert time.monotonic() - back < 60
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_router_away_workers_idle(serve, test_images):
+    """A router that stops answering (SIGSTOP): its idle workers keep ~0% CPU while they try to
+    register again, and once it answers they are back without a restart."""
+    detail = serve.wait_healthy(60)
+    workers = {wid: (w["pid"], w["incarnation"]) for wid, w in detail["workers"].items()}
+    (router,) = serve.children("router.server")
+    os.kill(router, signal.SIGSTOP)
+    try:
+        time.sleep(5)  # past the workers' silence threshold: they are reconnecting now
+        before = {wid: _cpu_s(pid) for wid, (pid, _) in workers.items()}
+        time.sleep(6)
+        used = {wid: _cpu_s(pid) - before[wid] for wid, (pid, _) in workers.items()}
+    finally:
+        os.kill(router, signal.SIGCONT)
+    assert all(u < 0.6 for u in used.values()), used  # ~0.1 CPU-s in 6 s: no spinning
+    detail = serve.wait_healthy(60)
+    deadline = time.monotonic() + 30
+    while any(w["state"] != "alive" for w in detail["workers"].values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        detail = serve.health()[1]
+    assert {wid: (w["pid"], w["incarnation"]) for wid, w in detail["workers"].items()} == workers
+    _served_again(serve, "decode-0", "", test_images)
