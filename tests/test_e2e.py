@@ -149,3 +149,53 @@ def test_zmq_sdk(deployment, cases, prompt_lens):
         assert streamed[-1].finish_reason in ("stop", "length")
     finally:
         sync.close()
+
+
+def _encoded_per_worker(metrics_text: str) -> dict[str, float]:
+    import re
+
+    return {w: float(v) for w, v in re.findall(r'^epd:images_encoded_total\{role="encode",worker="([^"]+)"\} (\S+)$',
+                                              metrics_text, re.M)}
+
+
+def test_planned_dispatch(deployment, llava_dir):
+    """Every worker shows its measured cost model; the router's prompt counts equal the workers';
+    on 2e1p1d four new images are encoded on both encoders in parallel, answer unchanged."""
+    import numpy as np
+    from PIL import Image
+    import time
+
+    async def get(session, path):
+        async with session.get(f"{deployment.url}{path}") as r:
+            assert r.status == 200
+            return await (r.json() if path.startswith("/admin") else r.text())
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            workers = (await get(s, "/admin/workers"))["workers"]
+            assert workers and all(w["cost_model"]["source"] in ("profiled", "cache") for w in workers)
+            assert all("step" in w["cost_model"] for w in workers if w["role"] != "encode")
+            encoders = [w["worker_id"] for w in workers if w["role"] == "encode"]
+            if len(encoders) < 2:
+                return await get(s, "/metrics")
+            before = _encoded_per_worker(await get(s, "/metrics"))
+            rng = np.random.default_rng(77)
+            imgs = [Image.fromarray(rng.integers(0, 255, (50 + 10 * i, 70, 3), dtype=np.uint8)) for i in range(4)]
+            text = "Compare the four pictures"
+            status, out = await _post(s, f"{deployment.url}/v1/chat/completions",
+                                      chat_body(deployment.name, text, imgs, return_token_ids=True))
+            assert status == 200, out
+            assert out["choices"][0]["token_ids"] == reference(llava_dir, text, imgs)
+            deadline = time.monotonic() + 10  # counters arrive with heartbeats
+            while True:
+                after = _encoded_per_worker(metrics := await get(s, "/metrics"))
+                grew = [w for w in encoders if after.get(w, 0) > before.get(w, 0)]
+                if len(grew) == len(encoders) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.3)
+            assert grew == encoders, (before, after)
+            assert sum(after.values()) - sum(before.values()) == 4
+            return metrics
+
+    metrics = asyncio.run(run())
+    assert "epd:prompt_token_count_mismatch_total 0.0" in metrics
