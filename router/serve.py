@@ -105,6 +105,8 @@ def load_config(path: str | Path) -> dict:
         if w.get("role") not in ("encode", "prefill", "decode", "mixed"):
             raise ValueError(f"{path}: worker role must be encode, prefill, decode or mixed, got {w.get('role')!r}")
         _check_placement(path, w)
+    if (cfg.get("launcher") or {}).get("kind", "local") not in ("local", "ray"):
+        raise ValueError(f"{path}: launcher kind must be local or ray, got {cfg['launcher'].get('kind')!r}")
     return cfg
 
 
@@ -197,8 +199,8 @@ class Deployment:
             out.append((wid, argv))
         return out
 
-    def start(self, timeout: float = 180.0) -> str:
-        workers = self._workers()
+    def router_command(self) -> tuple[list[str], dict | None]:
+        """The router's command line, and what it needs in its environment (kept off command lines)."""
         expect = {}
         for w in self.cfg["workers"]:
             expect[w["role"]] = expect.get(w["role"], 0) + int(w.get("count", 1))
@@ -211,14 +213,18 @@ class Deployment:
                 api_args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
         if router_cfg.get("cluster_cache") is False:
             api_args.append("--no-cluster-cache")
-        self._spawn("router", [sys.executable, "-m", "router.server", "--served-model-name", self.name,
-                               "--host", self.host, "--port", str(self.port), "--worker-addr", self.worker_addr,
         api_args += slo_args(router_cfg)
         admin_key = router_cfg.get("admin_key")
-                               "--control-addr", self.control_addr, "--client-addr", self.client_addr,
-                               "--expect", ",".join(f"{r}={n}" for r, n in expect.items()),
-                               "--policy", policy, *api_args, *self.extra_router_args],
-                    {"EPD_ADMIN_KEY": str(admin_key)} if admin_key else None)  # kept off command lines
+        return ([sys.executable, "-m", "router.server", "--served-model-name", self.name,
+                 "--host", self.host, "--port", str(self.port), "--worker-addr", self.worker_addr,
+                 "--control-addr", self.control_addr, "--client-addr", self.client_addr,
+                 "--expect", ",".join(f"{r}={n}" for r, n in expect.items()),
+                 "--policy", policy, *api_args, *self.extra_router_args],
+                {"EPD_ADMIN_KEY": str(admin_key)} if admin_key else None)
+
+    def start(self, timeout: float = 180.0) -> str:
+        workers = self._workers()
+        self._spawn("router", *self.router_command())
         for wid, argv in workers:
             self._spawn(wid, argv, {"OMP_NUM_THREADS": str(self.cfg.get("engine", {}).get("threads") or
                                                             argv[argv.index("--threads") + 1])})
@@ -406,6 +412,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kv-cache-memory-gb", type=float,
                     help="KV cache size per worker, GiB (default: the config's)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for every worker to register")
+    ap.add_argument("--launcher", choices=["local", "ray"],
+                    help="who runs the processes (default: the config's launcher.kind, else local); ray: "
+                         "actors on a Ray cluster, placed by each entry's resources (router/launch_ray.py)")
+    ap.add_argument("--ray-address", help="the Ray cluster to join, e.g. HEAD:6379 (default: the config's "
+                                          "launcher.address, else Ray's rule: $RAY_ADDRESS, the cluster last "
+                                          "started here, a new local Ray)")
     return ap.parse_args(argv)
 
 
@@ -449,7 +461,12 @@ def main(argv=None) -> int:
     if args.api_key:
         os.environ["EPD_API_KEY"] = args.api_key  # the router inherits it (kept off command lines)
     model = args.model or cfg.get("model") or default_model()
-    dep = Deployment(cfg, model, args.host, args.port, transfer=args.transfer)
+    if (args.launcher or (cfg.get("launcher") or {}).get("kind", "local")) == "ray":
+        from router.launch_ray import RayDeployment  # the only place that imports Ray
+
+        dep = RayDeployment(cfg, model, args.host, args.port, address=args.ray_address, transfer=args.transfer)
+    else:
+        dep = Deployment(cfg, model, args.host, args.port, transfer=args.transfer)
     dep.client_addr = f"tcp://{args.host}:{args.sdk_port}"
     stop_on_signals(dep)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s epd-serve %(levelname)s %(message)s")
