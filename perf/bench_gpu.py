@@ -76,7 +76,7 @@ def make_engine(args, backend: str) -> LLMEngine:
 
 def _host_timers(engine: LLMEngine) -> dict[str, list[float]]:
     """Host time of the scheduler and of the graph path's input preparation + launch (no sync)."""
-    times: dict[str, list[float]] = {"schedule": [], "graph_run": []}
+    times: dict[str, list[float]] = {"schedule": [], "graph_run": [], "tables": []}
 
     def wrap(obj, attr, key):
         fn = getattr(obj, attr)
@@ -90,6 +90,8 @@ def _host_timers(engine: LLMEngine) -> dict[str, list[float]]:
         setattr(obj, attr, timed)
 
     wrap(engine.scheduler, "schedule", "schedule")
+    if hasattr(engine.runner, "block_tables"):
+        wrap(engine.runner.block_tables, "gather", "tables")
     if engine.runner.graphs is not None:
         wrap(engine.runner.graphs, "run", "graph_run")
     return times
@@ -155,7 +157,8 @@ def bench_decode(engine: LLMEngine, batch: int, ctx: int, steps: int, runner_tim
         engine.abort_request(rid)
     mean = {k: (sum(v) / len(v) * 1e3 if v else None) for k, v in host.items()}
     return {"batch": batch, "context": ctx, "step_ms": step * 1e3, "runner_ms": runner * 1e3,
-            "schedule_ms": mean["schedule"], "graph_run_host_ms": mean["graph_run"], "tok_s": batch / step}
+            "schedule_ms": mean["schedule"], "graph_run_host_ms": mean["graph_run"], "tables_ms": mean["tables"],
+            "tok_s": batch / step}
 
 
 def profile_decode(engine: LLMEngine, batch: int, ctx: int, steps: int = 5, top: int = 14) -> dict:
@@ -345,7 +348,7 @@ def main() -> None:
                 entry["decode"].append(r)
                 print(f"[{backend}] decode batch {b:3d} ctx {ctx}: step {r['step_ms']:7.2f} ms "
                       f"(runner {r['runner_ms']:7.2f}, schedule {r['schedule_ms']:5.2f}, graph inputs+launch "
-                      f"{r['graph_run_host_ms'] or 0:5.2f}) = {r['x_floor']:5.2f}x floor, {r['tok_s']:9,.0f} tok/s",
+                      f"{r['graph_run_host_ms'] or 0:5.2f}, tables {r['tables_ms'] or 0:5.2f}) = {r['x_floor']:5.2f}x floor, {r['tok_s']:9,.0f} tok/s",
                       flush=True)
         entry["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         entry["profiles"] = []

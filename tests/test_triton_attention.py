@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,23 @@ def test_bf16_7b_shapes_on_cuda():
     layout = [(4095, 1), (511, 1), (17, 1), (0, 1000), (2048, 333), (700, 129)]
     (want, got), _ = run_both(layout, 28, 4, 128, num_blocks=600, seed=1, dtype=torch.bfloat16)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_persistent_block_tables_follow_appends_frees_and_returns():
+    """Across steps the kept tables equal freshly padded ones: appends, a preemption (new list),
+    a sequence leaving and coming back, rows reused by newcomers."""
+    from stages.attention.backend import PersistentBlockTables, padded_tables
+
+    kept = PersistentBlockTables(max_rows=3, max_blocks=6)
+    a, b, c = [4, 9], [1], [7, 2, 3]
+    steps = [(["a", "b"], lambda: None), (["a", "b", "c"], lambda: a.append(5)),
+             (["b", "c"], lambda: b.extend([8, 11])), (["a", "c"], lambda: a.append(6))]
+    tables = {"a": a, "b": b, "c": c}
+    for keys, change in steps:
+        change()
+        got = kept.gather(keys, [tables[k] for k in keys])
+        np.testing.assert_array_equal(got, padded_tables([tables[k] for k in keys]))
+    tables["c"] = [0]  # preempted: its blocks freed, a new list
+    got = kept.gather(["c", "a"], [tables["c"], tables["a"]])
+    np.testing.assert_array_equal(got, padded_tables([tables["c"], tables["a"]]))
+    assert kept.gather(["a"], [[1] * 7]) is None  # wider than the rows: the caller falls back

@@ -61,18 +61,61 @@ def padded_tables(block_tables: list[list[int]]) -> np.ndarray:
     return table
 
 
+class PersistentBlockTables:
+    """Block tables kept across steps in one host array: a sequence keeps its row while it is
+    scheduled, and a step writes only the block ids appended since the last one.
+
+    A sequence's table list only grows by appends, and is replaced by a new list when its
+    blocks are freed (preemption), so "same list object, longer" means "copy the tail"; a
+    sequence absent from a step gives its row back (it rewrites it when it returns).
+    """
+
+    def __init__(self, max_rows: int, max_blocks: int):
+        self.table = np.zeros((max_rows, max_blocks), np.int32)
+        self.filled = [0] * max_rows  # ids written in each row (beyond: zeros)
+        self.rows: dict = {}  # key -> [row, the list object, ids copied]
+        self.free = list(range(max_rows - 1, -1, -1))
+
+    def gather(self, keys: list, tables: list[list[int]]) -> np.ndarray | None:
+        """The batch's tables [S, W] (zero-padded), or None when they do not fit (caller falls back)."""
+        if len(keys) > self.table.shape[0] or any(len(t) > self.table.shape[1] for t in tables):
+            return None
+        present = set(keys)
+        for key in [k for k in self.rows if k not in present]:
+            self.free.append(self.rows.pop(key)[0])
+        idx = np.empty(len(keys), np.int64)
+        width = 1
+        for i, (key, t) in enumerate(zip(keys, tables)):
+            ent = self.rows.get(key)
+            n = len(t)
+            if ent is None or ent[1] is not t or n < ent[2]:
+                row = ent[0] if ent is not None else self.free.pop()
+                if n:
+                    self.table[row, :n] = t
+                if self.filled[row] > n:
+                    self.table[row, n:self.filled[row]] = 0
+                self.filled[row] = n
+                ent = self.rows[key] = [row, t, n]
+            elif n > ent[2]:
+                self.table[ent[0], ent[2]:n] = t[ent[2]:n]
+                ent[2] = self.filled[ent[0]] = n
+            idx[i] = ent[0]
+            width = max(width, n)
+        return self.table[idx, :width]
+
+
 def token_slots(table: np.ndarray, seq: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
     """Cache slots (int64) of tokens at ``positions`` of sequences ``seq`` (rows of ``table``)."""
     return table[seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
 
 def flat_layout(query_lens: np.ndarray, context_lens: np.ndarray, block_tables: list[list[int]],
-                block_size: int) -> dict:
+                block_size: int, table: np.ndarray | None = None) -> dict:
     """The flat batch's host arrays, vectorized (no loop over tokens or sequences).
 
     Returns ``query_start`` [S+1], ``seq_of_token`` [T], ``positions`` [T] (each
     new token's index in its sequence), ``block_table`` [S, W] int32 (zero-padded)
-    and ``slots`` [T] int64.
+    and ``slots`` [T] int64. ``table``: the padded tables when the caller keeps them already.
     """
     b = len(query_lens)
     starts = np.zeros(b + 1, np.int64)
@@ -80,7 +123,8 @@ def flat_layout(query_lens: np.ndarray, context_lens: np.ndarray, block_tables: 
     t = int(starts[-1])
     seq_of_token = np.repeat(np.arange(b), query_lens)
     positions = np.arange(t) - starts[seq_of_token] + (context_lens - query_lens)[seq_of_token]
-    table = padded_tables(block_tables)
+    if table is None:
+        table = padded_tables(block_tables)
     return {"query_start": starts, "seq_of_token": seq_of_token, "positions": positions,
             "block_table": table, "slots": token_slots(table, seq_of_token, positions, block_size)}
 
@@ -102,11 +146,14 @@ class AttentionBackend(ABC):
 
     def build_metadata(self, query_lens: list[int], context_lens: list[int],
                        block_tables: list[list[int]], block_size: int,
-                       device: torch.device) -> AttentionMetadata:
-        """One step's metadata; sequences in batch order, decodes (``q_len == 1``) first."""
+                       device: torch.device, table: np.ndarray | None = None) -> AttentionMetadata:
+        """One step's metadata; sequences in batch order, decodes (``q_len == 1``) first.
+
+        ``table``: ``block_tables`` already padded ([S, W] int32), e.g. from ``PersistentBlockTables``.
+        """
         q = np.asarray(query_lens, np.int64)
         c = np.asarray(context_lens, np.int64)
-        lay = flat_layout(q, c, block_tables, block_size)
+        lay = flat_layout(q, c, block_tables, block_size, table)
         nd = int(np.argmin(q == 1)) if (q != 1).any() else len(q)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(lay["slots"]).to(device), query_start=lay["query_start"][:-1].tolist(),

@@ -28,10 +28,11 @@ class TritonPagedAttention(AttentionBackend):
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
 
-    def build_metadata(self, query_lens, context_lens, block_tables, block_size, device) -> AttentionMetadata:
+    def build_metadata(self, query_lens, context_lens, block_tables, block_size, device,
+                       table=None) -> AttentionMetadata:
         q = np.asarray(query_lens, np.int64)
         c = np.asarray(context_lens, np.int64)
-        lay = flat_layout(q, c, block_tables, block_size)
+        lay = flat_layout(q, c, block_tables, block_size, table)
         s, t = len(q), int(lay["query_start"][-1])
         nd = int(np.argmin(q == 1)) if (q != 1).any() else s
         # Prefill query tiles: (sequence, tile index), longest sequences' tiles first.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from stages.attention.backend import PersistentBlockTables
 from stages.engine.config import EngineConfig
 from stages.engine.decode_graphs import DecodeGraphs
 from stages.engine.scheduler import ScheduledSeq
@@ -34,9 +35,10 @@ class ModelRunner:
         self.encoder_cache = ContentCache(config.encoder_cache_mb << 20)
         self.num_images_encoded = 0
         self.graphs = None
+        max_len = getattr(getattr(hf_config, "text_config", None) or hf_config, "max_position_embeddings", 0)
+        max_blocks = min(self.num_blocks, -(-(config.max_model_len or max_len or 1 << 20) // self.block_size))
+        self.block_tables = PersistentBlockTables(config.max_num_seqs, max_blocks)
         if config.cuda_graphs and device.type == "cuda" and self.backend.supports_cuda_graphs:
-            max_len = getattr(getattr(hf_config, "text_config", None) or hf_config, "max_position_embeddings", 0)
-            max_blocks = min(self.num_blocks, -(-(config.max_model_len or max_len or 1 << 20) // self.block_size))
             self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, device, config.max_num_seqs,
                                        max_blocks, self.block_size)
 
@@ -171,15 +173,16 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
                 sample_seqs.append(seq)
         dev = self.device
+        table = self.block_tables.gather([s.seq.request_id for s in batch], tables)
         images = self.model.is_multimodal and self._step_has_images(batch)
-        if (self.graphs is not None and offset == len(batch) == len(sample_rows) and not images
-                and self.graphs.fits(len(batch), tables)):
+        if (self.graphs is not None and table is not None and offset == len(batch) == len(sample_rows)
+                and not images and self.graphs.fits(len(batch), table)):
             deltas = None
             if self.model.uses_mrope:
                 deltas = np.fromiter((s.seq.mrope_delta for s in batch), np.int64, len(batch))
-            hidden = self.graphs.run(ids, ctx_lens, tables, deltas)
+            hidden = self.graphs.run(ids, ctx_lens, table, deltas)
             return self.model.compute_logits(hidden).float(), sample_seqs
-        meta = self.backend.build_metadata(q_lens, ctx_lens, tables, self.block_size, dev)
+        meta = self.backend.build_metadata(q_lens, ctx_lens, tables, self.block_size, dev, table)
         pos = self._positions(batch, meta)
         input_ids = torch.tensor(ids, dtype=torch.long)
         if dev.type == "cuda":
