@@ -153,7 +153,8 @@ def table(summary: dict[str, dict], rounds: int) -> str:
         per = row.get("vs_baseline_per_round")
         per_s = "-" if per is None else (f"{per['median']:.2f}x ({per['min']:.2f}-{per['max']:.2f})" if rounds > 1
                                          else f"{per['median']:.2f}x")
-        lines.append(f"| {system} | {row['runs']} | " + " | ".join(cell(row.get(k)) for k, _ in cols) + f" | {ok} | {ratio} | {per_s} |")
+        figures = " | ".join(cell(row.get(k)) for k, _ in cols)
+        lines.append(f"| {system} | {row['runs']} | {figures} | {ok} | {ratio} | {per_s} |")
     return "\n".join(lines)
 
 

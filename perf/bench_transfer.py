@@ -29,6 +29,7 @@ two-process figures do not.
     python perf/bench_transfer.py [--sizes-mib 1,4,16,64,256] [--reps 7] [--device cpu|cuda] \
         [--backends ucx,shm,zmq] [--out perf/out/bench_transfer.json]
     python perf/bench_transfer.py --loopback 2000
+    python perf/bench_transfer.py --netns [--backends ucx,zmq]   # two "hosts" (root; see --help)
 """
 
 from __future__ import annotations
@@ -231,6 +232,91 @@ async def _loopback(pulls: int, device: str) -> list[float]:
     return times[20:]
 
 
+# -- two "hosts": network namespaces on one bridge (tests/netns_util.py), TCP between them --------
+
+def _netns_backends(names: list[str], addr: str, store: dict | None = None) -> list:
+    from transfer.ucx_backend import UcxBackend
+    from transfer.zmq_backend import ZmqBackend
+
+    known = {"ucx": lambda: UcxBackend(store=store), "zmq": lambda: ZmqBackend(addr, store=store)}
+    if not set(names) <= set(known):
+        raise SystemExit("--netns measures ucx and zmq (shm cannot cross hosts)")
+    return [known[n]() for n in names]
+
+
+def _netns_holder(sizes: list[int], names: list[str], addr: str) -> None:
+    """In the holder's namespace: publish, print the addresses, serve until stdin closes."""
+    async def serve() -> None:
+        store: dict = {}
+        backends = _netns_backends(names, addr, store)
+        for b in backends:
+            await b.start()
+        for n in sizes:
+            store[f"b{n}"] = [_payload(n, "cpu")]
+        print(json.dumps({b.name: b.address for b in backends}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        for b in backends:
+            await b.close()
+
+    asyncio.run(serve())
+
+
+async def _netns_pull(card: dict, sizes: list[int], names: list[str], addr: str, reps: int) -> dict:
+    """In the puller's namespace: median seconds per size and backend, the order rotating."""
+    backends = {b.name: b for b in _netns_backends(names, addr)}
+    for b in backends.values():
+        await b.start()
+    medians: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        times: dict[str, list[float]] = {}
+        for rep in range(reps + 1):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                dt = await _timed_pull(backends[name], card[name], f"b{n}", "cpu")
+                if rep:
+                    times.setdefault(name, []).append(dt)
+        medians[n] = {k: statistics.median(v) for k, v in times.items()}
+    for b in backends.values():
+        await b.close()
+    return medians
+
+
+def _netns(args, sizes: list[int], names: list[str]) -> dict:
+    """Holder and puller in two namespaces joined by a veth bridge: what pulls cost between hosts."""
+    import subprocess
+
+    from tests.netns_util import Lan, unavailable
+
+    why = unavailable()
+    if why:
+        raise SystemExit(f"--netns: {why}")
+    lan = Lan(str(os.getpid() % 10000), ["holder", "puller"]).up()
+    # One kernel: UCX would take its shared-memory transports, which hosts apart never have.
+    env = {**os.environ, "UCX_TLS": "^sm", "PYTHONPATH": str(ROOT)}
+    common = [sys.executable, str(Path(__file__).resolve()), "--sizes-mib", args.sizes_mib,
+              "--backends", ",".join(names), "--reps", str(args.reps)]
+    holder = subprocess.Popen([*lan.exec_argv("holder"), *common, "--netns-role", "holder",
+                               "--netns-addr", lan.addr["holder"]],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        card = holder.stdout.readline()
+        if not card:
+            raise RuntimeError("the holder did not start")
+        puller = subprocess.run([*lan.exec_argv("puller"), *common, "--netns-role", "puller",
+                                 "--netns-addr", lan.addr["puller"], "--netns-card", card.strip()],
+                                capture_output=True, text=True, env=env, timeout=900)
+        if puller.returncode:
+            raise RuntimeError(f"the puller failed:\n{puller.stderr[-3000:]}")
+        return {int(k): v for k, v in json.loads(puller.stdout.strip().splitlines()[-1]).items()}
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+        lan.down()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", default="1,4,16,64,256")
@@ -240,7 +326,37 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: perf/out/bench_transfer[_cuda].json")
     ap.add_argument("--loopback", type=int, default=0, metavar="N",
                     help="only the ucx fixed cost: N pulls of 4 KiB from this process's own store")
+    ap.add_argument("--netns", action="store_true",
+                    help="holder and puller on two hosts: network namespaces joined by a veth bridge "
+                         "(root; TCP only; ucx and zmq)")
+    ap.add_argument("--netns-role", choices=("holder", "puller"), help=argparse.SUPPRESS)
+    ap.add_argument("--netns-addr", help=argparse.SUPPRESS)
+    ap.add_argument("--netns-card", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.netns_role:
+        names = args.backends.split(",")
+        sizes = [LATENCY_BYTES] + [int(float(s) * MiB) for s in args.sizes_mib.split(",")]
+        if args.netns_role == "holder":
+            _netns_holder(sizes, names, args.netns_addr)
+        else:
+            card = json.loads(args.netns_card)
+            print(json.dumps(asyncio.run(_netns_pull(card, sizes, names, args.netns_addr, args.reps))))
+        return
+    if args.netns:
+        names = (args.backends or "ucx,zmq").split(",")
+        sizes = [LATENCY_BYTES] + [int(float(s) * MiB) for s in args.sizes_mib.split(",")]
+        medians = _netns(args, sizes, names)
+        print(f"{'size':>8} |" + "".join(f" {k + ' GB/s':>9} {k + ' ms':>8} |" for k in names))
+        for n in sizes:
+            print(f"{_size(n):>8} |" + "".join(f" {n / medians[n][k] / 1e9:9.2f} {medians[n][k] * 1e3:8.3f} |"
+                                             for k in names))
+        out = Path(args.out or ROOT / "perf/out/bench_transfer_netns.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                                   "note": "median seconds per pull between two network namespaces (TCP)",
+                                   "reps": args.reps, "medians": medians}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     if args.loopback:
         times = sorted(asyncio.run(_loopback(args.loopback, args.device)))
         q = [times[int(f * (len(times) - 1))] * 1e3 for f in (0.1, 0.5, 0.9)]

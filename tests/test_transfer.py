@@ -168,7 +168,7 @@ def test_auto_picks_shm_on_the_same_host(holder, expected):
 
 def test_auto_choice_follows_the_measured_order():
     """Host memory, one host: shm, until pulls of that kind of key came to UCX_FROM_BYTES; then ucx.
-    Device memory: ucx. Another host: ucx, else zmq. (Fake backends: only the choice is tested.)"""
+    Device memory: ucx. Another host: ucx over RDMA, else zmq. (Fake backends: only the choice is tested.)"""
     from types import SimpleNamespace
 
     sizes = {"kv/small": 16 << 10, "kv/big": UCX_FROM_BYTES, "emb/a": 4 << 10}
@@ -179,6 +179,7 @@ def test_auto_choice_follows_the_measured_order():
         return SimpleNamespace(name=name, pull=pull)
 
     t = MultiTransfer([fake("ucx"), fake("shm"), fake("zmq")], {})
+    t.ucx_rdma = False  # as on this machine (tcp, shared memory)
     card = {"host_id": host_id(), "ucx": "u", "shm": "s", "zmq": "z"}
     elsewhere = {**card, "host_id": "other-host:0"}
 
@@ -188,9 +189,14 @@ def test_auto_choice_follows_the_measured_order():
     async def main():
         assert chosen(card, "kv/small") == "shm"
         assert chosen(card, "kv/small", "cuda") == "ucx"
-        assert chosen(elsewhere, "kv/small") == "ucx"
-        assert chosen({k: v for k, v in elsewhere.items() if k != "ucx"}, "kv/small") == "zmq"
         assert chosen({k: v for k, v in card.items() if k != "shm"}, "kv/small") == "ucx"
+        # Another host: over TCP zmq, over RDMA (or into device memory) ucx.
+        assert chosen(elsewhere, "kv/small") == "zmq"
+        assert chosen(elsewhere, "kv/small", "cuda") == "ucx"
+        assert chosen({k: v for k, v in elsewhere.items() if k != "zmq"}, "kv/small") == "ucx"
+        t.ucx_rdma = True
+        assert chosen(elsewhere, "kv/small") == "ucx"
+        t.ucx_rdma = False
         await t.pull(card, "kv/small", timeout=1)
         assert chosen(card, "kv/x") == "shm"
         await t.pull(card, "kv/big", timeout=1)  # over shm: nothing was known of the size before

@@ -10,7 +10,11 @@ the same host id), the one measured fastest for the pull (``MultiTransfer.choose
   UCX finds it); shm and zmq stage the bytes through host memory;
 - host memory, same host: shm, or ucx once pulls of that kind of key (its
   prefix: ``kv``, ``emb``, ``prefix``) came to ``UCX_FROM_BYTES`` or more;
-- host memory, another host: ucx, else zmq.
+- host memory, another host: ucx where UCX has an RDMA transport, else zmq
+  (over TCP UCX was no faster: ``perf/bench_transfer.py --netns``, two network
+  namespaces on a veth bridge, ms per pull ucx / zmq: 16 KiB 1.02 / 0.73,
+  64 KiB 1.27 / 0.78, 256 KiB 1.33 / 0.92, 1 MiB 2.34 / 1.99, 4 MiB 24.2 /
+  22.2, 16 MiB 48.5 / 48.3).
 
 Measured with ``perf/bench_transfer.py`` between two processes of this 2-core
 host, host memory, after the UCX progress fix; ms per pull, ucx / shm / zmq,
@@ -38,7 +42,7 @@ import torch
 
 from transfer.base import TransferBackend, TransferError
 from transfer.shm_backend import SHM_DIR, ShmBackend, shm_available
-from transfer.ucx_backend import UcxBackend, ucx_available
+from transfer.ucx_backend import UcxBackend, ucx_available, ucx_rdma
 from transfer.zmq_backend import ZmqBackend
 
 KINDS = ("auto", "ucx", "shm", "zmq")
@@ -95,6 +99,7 @@ class MultiTransfer(TransferBackend):
         self.host_id = host_id()
         self.pulls_by_backend: dict[str, int] = {b.name: 0 for b in backends}
         self.last_bytes: dict[str, int] = {}  # kind of key -> bytes of its last pull
+        self.ucx_rdma = "ucx" in self._backends and ucx_rdma()
 
     async def start(self) -> None:
         for b in self._backends.values():
@@ -114,18 +119,16 @@ class MultiTransfer(TransferBackend):
         The order is the module docstring's (measured there).
         """
         card = _card(peer)
-        ucx = self._backends.get("ucx")
-        ucx = ucx if ucx is not None and "ucx" in card else None
-        shm = self._backends.get("shm")
-        shm = shm if shm is not None and "shm" in card and card.get("host_id") == self.host_id else None
-        if shm is not None and (ucx is None or (torch.device(device).type == "cpu"
-                                                and self.last_bytes.get(_kind(key), 0) < UCX_FROM_BYTES)):
-            return shm, card["shm"]
-        if ucx is not None:
-            return ucx, card["ucx"]
-        zmq_b = self._backends.get("zmq")
-        if zmq_b is not None and "zmq" in card:
-            return zmq_b, card["zmq"]
+        ours = {n: b for n, b in self._backends.items() if n in card}  # run by both ends
+        same_host = card.get("host_id") == self.host_id
+        host_memory = torch.device(device).type == "cpu"
+        if "shm" in ours and same_host and ("ucx" not in ours or (
+                host_memory and self.last_bytes.get(_kind(key), 0) < UCX_FROM_BYTES)):
+            return ours["shm"], card["shm"]
+        if "ucx" in ours and (same_host or not host_memory or self.ucx_rdma or "zmq" not in ours):
+            return ours["ucx"], card["ucx"]
+        if "zmq" in ours:
+            return ours["zmq"], card["zmq"]
         raise TransferError(
             f"no transport in common with peer {card} (this worker, host {self.host_id}, "
             f"runs {sorted(self._backends)})"

@@ -145,6 +145,22 @@ async def _wait_all(requests: list, cuda: bool = False) -> None:
     await _progress().wait(requests, POLL_CUDA_S if cuda else 0.0)
 
 
+def ucx_rdma() -> bool:
+    """True when this process's UCX context has an RDMA transport (InfiniBand/RoCE: rc, dc, ud).
+
+    Without one UCX reaches another host by TCP, where it was no faster than ZeroMQ here
+    (``perf/bench_transfer.py --netns``), so ``auto`` takes ZeroMQ across hosts then.
+    """
+    if not ucx_available():
+        return False
+    try:
+        transports = _ucxx.get_active_transports()
+    except Exception as e:  # noqa: BLE001 - the context info's format is ucxx's, not ours
+        log.info("cannot list UCX transports: %s", e)
+        return False
+    return any(t.startswith(("rc", "dc", "ud")) for t in transports)
+
+
 def ucx_available() -> bool:
     """True when ucxx imports and its UCX context starts (checked once per process)."""
     global _available
