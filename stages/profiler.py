@@ -54,6 +54,17 @@ def fit_nonneg(rows: list[tuple[float, ...]], seconds: list[float], names) -> di
     return {n: float(c) for n, c in zip(names, coef)}
 
 
+def _model_fingerprint(model: Path) -> str:
+    """The model by content, not path: a model rebuilt elsewhere (the tests' tiny ones) hits the cache."""
+    h = hashlib.sha256()
+    for p in [model / "config.json", *sorted(model.glob("*.safetensors"))[:8]]:
+        if p.exists():
+            h.update(f"{p.name}:{p.stat().st_size}".encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))  # the header and the first weights
+    return h.hexdigest()
+
+
 def _key(engine, role_kinds: tuple[str, ...]) -> str:
     cfg, dev = engine.config, engine.device
     device = str(dev)
@@ -65,9 +76,7 @@ def _key(engine, role_kinds: tuple[str, ...]) -> str:
         import torch
 
         device = f"cpu-{torch.get_num_threads()}threads"
-    weights = sorted(Path(cfg.model).glob("*.safetensors")) + [Path(cfg.model) / "config.json"]
-    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights if p.exists()]
-    parts = [PROFILE_VERSION, str(Path(cfg.model).resolve()), stamp, device, str(engine.dtype), cfg.block_size,
+    parts = [PROFILE_VERSION, _model_fingerprint(Path(cfg.model)), device, str(engine.dtype), cfg.block_size,
              cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.attention_backend, os.environ.get("EPD_ATTENTION", ""),
              role_kinds]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]

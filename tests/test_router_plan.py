@@ -254,3 +254,17 @@ def test_admin_workers_shows_cost_models_behind_the_admin_key():
         await core.close()
 
     asyncio.run(main())
+
+
+def test_slo_and_priority_body_fields():
+    from router.openai_protocol import parse_completion
+
+    body = {"model": "m", "prompt": "hi", "slo": {"ttft_ms": 250, "tpot_ms": 40}, "priority": 2}
+    req = parse_completion(body, ["m"], ApiLimits(), "r").api
+    assert req.slo == {"ttft_ms": 250.0, "tpot_ms": 40.0} and req.priority == 2
+    slo = Slo.of(Slo(ttft_s=1.0, tpot_s=0.1), {"tpot_ms": 40})
+    assert (slo.ttft_s, slo.tpot_s) == (1.0, 0.04)
+    for bad in ({"ttft_ms": -1}, {"ttfb_ms": 5}, "fast", {"tpot_ms": True}):
+        with pytest.raises(ApiError) as e:
+            parse_completion({**body, "slo": bad}, ["m"], ApiLimits(), "r")
+        assert e.value.status == 400 and e.value.param.startswith("slo")
