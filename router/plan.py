@@ -25,6 +25,7 @@ from router.cost_model import WorkerCost
 from router.request_size import PromptSizer, RequestSize, estimate
 
 log = logging.getLogger("epd.router")
+OVERHEAD_ALPHA = 0.1
 PULL_S = 0.002  # one embedding pull between workers of a host (perf/bench_transfer.py: ~1-2 ms)
 
 
@@ -45,6 +46,7 @@ class Plan:
     admitted_at: float = 0.0  # time.monotonic() at admission
     first_token_at: float | None = None
     tokens: int = 0  # output tokens delivered
+    overhead_s: float = 0.0  # the learned hop overhead included in ttft_s
 
     def worker_for(self, roles: tuple[str, ...]) -> str | None:
         """The planned worker of a stage (``roles`` as the core asks for it), or None."""
@@ -84,6 +86,9 @@ class Planner:
         self.flights = flights
         self.slo = slo or Slo()
         self.costs: dict[tuple[str, str], WorkerCost] = {}  # (worker id, incarnation) -> model
+        # Per prefill-capable worker: an EWMA of actual TTFT - predicted (the hops, transfers,
+        # tokenization and queueing no step timing sees), added to its TTFT predictions.
+        self.overhead: dict[str, float] = {}
         self._sizer: PromptSizer | None = None
         self._sizer_dir: str | None = None
 
@@ -186,7 +191,8 @@ class Planner:
         prefill_s = cost.prefill_s(size.prompt_tokens)
         plan.prefill = prefill.worker_id
         plan.work[prefill.worker_id] = encode + prefill_s
-        plan.ttft_s = max(queue, images_ready) + encode + prefill_s
+        plan.overhead_s = self.overhead.get(prefill.worker_id, 0.0)
+        plan.ttft_s = max(queue, images_ready) + encode + prefill_s + plan.overhead_s
         plan.wait_s = max(queue, plan.wait_s)
         target = decode or prefill
         seqs, ctx = self.decode_load(target)
@@ -201,6 +207,14 @@ class Planner:
         if x.todo and x.encoders:
             wait = max(wait, min(self.queue_s(e, now) for e in x.encoders))
         return wait
+
+    def first_token(self, plan: Plan, ttft_s: float) -> None:
+        """A planned request's actual TTFT: learn its prefill worker's overhead."""
+        if plan.prefill is None:
+            return
+        residual = max(ttft_s - (plan.ttft_s - plan.overhead_s), 0.0)
+        old = self.overhead.get(plan.prefill)
+        self.overhead[plan.prefill] = residual if old is None else old + OVERHEAD_ALPHA * (residual - old)
 
     def meets(self, plan: Plan, slo: Slo) -> bool:
         return slo.tpot_s is None or plan.tpot_s <= slo.tpot_s

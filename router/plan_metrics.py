@@ -37,19 +37,25 @@ class PlanMetrics:
         self.rejected.labels(reason="queue").inc(0)
         self.mismatches = 0
 
-    def on_delta(self, plan, req, delta, first: bool) -> None:
-        """Every delta of a planned request: time its first token and its end."""
-        now = time.monotonic()
+    def on_delta(self, plan, req, delta, first: bool) -> float | None:
+        """Every delta of a planned request: time its first token (returned, the TTFT) and its end."""
+        now, ttft = time.monotonic(), None
         if first and plan.first_token_at is None:
+            ttft = now - plan.admitted_at
             plan.first_token_at = now
             if delta.prompt_tokens and plan.size.exact and delta.prompt_tokens != plan.size.prompt_tokens:
                 self.mismatches += 1
                 self.mismatch.inc()
+                plan.size.prompt_tokens = delta.prompt_tokens  # the worker ran it: its count wins
             if plan.ttft_s > 0:
                 self.ttft_ratio.labels(policy=plan.policy).observe((now - plan.admitted_at) / plan.ttft_s)
         plan.tokens += len(delta.token_ids)
         if delta.finish_reason is None or plan.first_token_at is None:
-            return
+            return ttft
+        self._finished(plan, now)
+        return ttft
+
+    def _finished(self, plan, now: float) -> None:
         ttft = plan.first_token_at - plan.admitted_at
         tpot = (now - plan.first_token_at) / (plan.tokens - 1) if plan.tokens > 1 else None
         if tpot is not None and plan.tpot_s > 0:

@@ -268,3 +268,14 @@ def test_slo_and_priority_body_fields():
         with pytest.raises(ApiError) as e:
             parse_completion({**body, "slo": bad}, ["m"], ApiLimits(), "r")
         assert e.value.status == 400 and e.value.param.startswith("slo")
+
+
+def test_ttft_overhead_is_learned_from_first_tokens():
+    from router.plan import Plan, Planner
+    from router.request_size import RequestSize
+
+    planner = Planner(registry=None, flights={})
+    plan = Plan(RequestSize(10), prefill="p0", ttft_s=0.01)
+    for _ in range(60):
+        planner.first_token(plan, 0.05)
+    assert planner.overhead["p0"] == pytest.approx(0.04, rel=1e-3)
