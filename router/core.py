@@ -43,7 +43,7 @@ from router.plan import Plan, Planner, Slo
 from router.plan_metrics import PlanMetrics
 from router.policy import DispatchPolicy, PlanInputs, SloAware
 from router.registry import Registry, WorkerRecord
-from router.tokenize import TokenizeMixin
+from router.tokenize_calls import TokenizeMixin
 
 log = logging.getLogger("epd.router")
 
