@@ -7,12 +7,14 @@ onto one node; the test also pins the router to ``node_b`` and that pair to ``no
 the deployment always fits). The processes' parents (owner actor, then the raylet that started
 it) show where Ray put them. Answers must be
 transformers' greedy tokens, before and after a kill -9 of the decode worker's owner actor and of
-the prefill worker's own process (Ray restarts each, a new incarnation registers with the router).
+the prefill worker's own process (Ray restarts each, a new incarnation registers with the router),
+and after the encode worker's actor is killed for good (given up: prefill encodes the images).
 SIGTERM to epd-serve must leave no process of the deployment, and ``ray stop`` none of Ray's.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -30,12 +32,20 @@ import yaml
 from router.serve import ROOT, free_port
 from tests.e2e_util import chat_body, reference
 
-pytest.importorskip("ray")
-pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
+CLUSTER_MARKS = (pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow,
+                 pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra"))
+
+
+def on_cluster(test):
+    """A test of the two-node cluster (the config-only tests at the end need no Ray)."""
+    for mark in CLUSTER_MARKS:
+        test = mark(test)
+    return test
+
 
 RAY_NODE = ["--num-cpus", "2", "--object-store-memory", str(100 << 20), "--disable-usage-stats"]
 RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-RAY = str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv" / "bin" / "ray").exists() else "ray"
+RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"  # the CLI beside this interpreter
 
 
 def _ppid(pid: int) -> int:
@@ -185,10 +195,12 @@ def _check_answers(serve: RayServe, cases) -> None:
 def _record(serve: RayServe) -> dict:
     workers = serve.health()["workers"]
     for w in workers.values():
-        serve.pids |= {w["pid"], _ppid(w["pid"])}
+        if _alive(w["pid"]):  # a given-up worker's process is gone
+            serve.pids |= {w["pid"], _ppid(w["pid"])}
     return workers
 
 
+@on_cluster
 def test_placed_across_two_nodes(serve, cases):
     workers = _record(serve)
     assert set(workers) == {"encode-0", "prefill-0", "decode-0"}
@@ -205,6 +217,7 @@ def test_placed_across_two_nodes(serve, cases):
     _check_answers(serve, cases)
 
 
+@on_cluster
 def test_killed_worker_actor_restarts(serve, cases):
     """kill -9 of decode's owner actor, then of prefill's worker process itself: Ray restarts both."""
     for name, target in (("decode-0", "owner"), ("prefill-0", "worker")):
@@ -218,6 +231,27 @@ def test_killed_worker_actor_restarts(serve, cases):
     assert "decode-0 restarted by Ray" in serve.tail(100_000)
 
 
+@on_cluster
+def test_worker_past_its_restarts_is_given_up(serve, cluster, cases):
+    """An actor Ray will not restart (killed for good here, as past max_restarts): epd-serve tells the
+    router, which gives the worker up; prefill then encodes the images itself, answers still exact."""
+    import ray
+
+    _record(serve)
+    ray.init(address=cluster["address"], namespace="epd", log_to_driver=False)
+    try:
+        ray.kill(ray.get_actor("encode-0"), no_restart=True)
+    finally:
+        ray.shutdown()
+    deadline = time.monotonic() + 60
+    while "given_up" not in (w := serve.health().get("workers", {}).get("encode-0", {})):
+        assert time.monotonic() < deadline, f"encode-0 not given up: {w}\n{serve.tail()}"
+        time.sleep(0.5)
+    assert "max_restarts" in w["given_up"], w
+    _check_answers(serve, cases)
+
+
+@on_cluster
 def test_stop_leaves_nothing(serve, cluster):
     _record(serve)
     serve.proc.send_signal(signal.SIGTERM)
@@ -232,3 +266,40 @@ def test_stop_leaves_nothing(serve, cluster):
     while (left := _ray_processes(cluster["before"], cluster["temp_dir"])) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"Ray processes left after ray stop: {left}"
+
+
+# ---- without a cluster: the launcher's reading of a config -----------------------------------------
+def _gpu_config(**decode) -> dict:
+    return {"launcher": {"kind": "ray"}, "engine": {"device": "cuda:0"},
+            "workers": [{"role": "prefill", "num_cpus": 2, "num_gpus": 1, "device": "cuda:1"},
+                        {"role": "decode", "num_cpus": 0.5, "num_gpus": 0.5, **decode}]}
+
+
+def test_config_to_ray_requests():
+    from router.launch_ray import RayDeployment, bundle
+
+    assert bundle({"num_cpus": 0.5, "num_gpus": 1, "memory": 1 << 30, "resources": {"node_b": 0.1}}) == \
+        {"CPU": 0.5, "GPU": 1.0, "memory": float(1 << 30), "node_b": 0.1}
+    assert bundle({}) == {"CPU": 1.0}
+    with pytest.raises(ValueError, match="needs some resource"):
+        bundle({"num_cpus": 0})
+    workers = RayDeployment(_gpu_config(), "/m")._worker_config()["workers"]
+    # Ray gives each its GPUs as CUDA_VISIBLE_DEVICES: the first visible one; threads from num_cpus.
+    assert [(w["device"], w["threads"]) for w in workers] == [("cuda:0", 2), ("cuda:0", 1)]
+    with pytest.raises(ValueError, match="devices"):
+        RayDeployment(_gpu_config(devices=["cuda:0"]), "/m")._worker_config()
+    with pytest.raises(ValueError, match="needs num_gpus"):
+        RayDeployment(_gpu_config(num_gpus=0), "/m")._worker_config()
+
+
+def test_local_launcher_needs_no_ray(tmp_path):
+    """epd-serve and the launcher module import Ray only when a Ray deployment starts."""
+    code = ("import sys, router.serve, router.launch_ray; "
+            "router.serve.parse_args(['--launcher', 'ray']); assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    from router.serve import load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"launcher": {"kind": "k8s"}, "workers": [{"role": "mixed"}]}))
+    with pytest.raises(ValueError, match="launcher kind must be local or ray"):
+        load_config(bad)
