@@ -305,8 +305,12 @@ class _Api:
                            code="model_not_found")
         return web.json_response(self._model(name))
 
+    def _card(self) -> dict:
+        """The backend's model card ({"root", "max_model_len"}); empty when it has none."""
+        return self.backend.model_card() if hasattr(self.backend, "model_card") else {}
+
     def _model(self, name: str) -> dict:
-        card = self.backend.model_card() if hasattr(self.backend, "model_card") else {}
+        card = self._card()
         return {"id": name, "object": "model", "created": self.created, "owned_by": "epd",
                 "root": card.get("root") or name, "parent": None,
                 "max_model_len": card.get("max_model_len")}
@@ -323,8 +327,7 @@ class _Api:
                                     self.resolver)
         ids = await self._tokenizer("tokenize")(call.messages, call.prompt, call.images,
                                                 call.add_special_tokens, call.add_generation_prompt)
-        card = self.backend.model_card() if hasattr(self.backend, "model_card") else {}
-        return web.json_response({"count": len(ids), "max_model_len": card.get("max_model_len"),
+        return web.json_response({"count": len(ids), "max_model_len": self._card().get("max_model_len"),
                                   "tokens": ids, "token_strs": None})
 
     async def detokenize(self, request: web.Request) -> web.Response:

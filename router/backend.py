@@ -97,6 +97,10 @@ class Backend(Protocol):
       iterator is closed (`aclose`, if it has one) before `abort` is awaited. It must
       tolerate a request that finished meanwhile.
     - `health()` is cheap and synchronous: (ready, details as a JSON-able dict).
+
+    Optional (the API answers 501 without them; `RouterCore` has them, `router/tokenize_calls.py`):
+    `async tokenize(messages, prompt, images, add_special_tokens, add_generation_prompt) -> ids`,
+    `async detokenize(ids) -> str`, `model_card() -> {"root", "max_model_len"}`.
     """
 
     served_models: list[str]
