@@ -1,7 +1,7 @@
 """The GPU backend: our Triton kernels over the paged cache (``triton_kernels.py``).
 
 Per step the host builds the flat layout with a few numpy ops and ships it in
-one int32 copy (pinned memory on CUDA): slot mapping, query offsets, context
+one int32 copy (through a pinned buffer on CUDA): slot mapping, query offsets, context
 lengths, the prefill tile map and the block tables. Every layer reuses those
 device views. Pure-decode steps can run inside a CUDA graph: the graph reads
 its metadata from static buffers (``decode_graph_metadata``) refilled each step;
@@ -15,6 +15,7 @@ import torch
 
 from stages.attention import triton_kernels as K
 from stages.attention.backend import AttentionBackend, AttentionMetadata, flat_layout
+from stages.attention.staging import PinnedStaging
 
 
 class TritonPagedAttention(AttentionBackend):
@@ -25,6 +26,7 @@ class TritonPagedAttention(AttentionBackend):
         self.block_m = K.extend_tiles(dtype or torch.bfloat16)[0]
         # fp32 keeps transformers' exact op sequence outside attention (greedy equality tests).
         self.fused_ops = dtype in (torch.bfloat16, torch.float16)
+        self.staging = PinnedStaging(torch.int32)
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
 
@@ -44,10 +46,7 @@ class TritonPagedAttention(AttentionBackend):
         table = lay["block_table"]
         parts = [lay["slots"], lay["query_start"], c, tile_seq, tile_m, table.reshape(-1)]
         sizes = [len(p) for p in parts]
-        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32))
-        if device.type == "cuda":
-            packed = packed.pin_memory()
-        dev = packed.to(device, non_blocking=True)
+        dev = self.staging.to_device(np.concatenate(parts), device)
         views = list(torch.split(dev, sizes))
         meta = AttentionMetadata(
             slot_mapping=views[0], query_start=lay["query_start"][:-1].tolist(), query_lens=list(query_lens),

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from stages.attention.backend import PersistentBlockTables
+from stages.attention.staging import PinnedStaging
 from stages.engine.config import EngineConfig
 from stages.engine.decode_graphs import DecodeGraphs
 from stages.engine.scheduler import ScheduledSeq
@@ -38,6 +39,7 @@ class ModelRunner:
         max_len = getattr(getattr(hf_config, "text_config", None) or hf_config, "max_position_embeddings", 0)
         max_blocks = min(self.num_blocks, -(-(config.max_model_len or max_len or 1 << 20) // self.block_size))
         self.block_tables = PersistentBlockTables(config.max_num_seqs, max_blocks)
+        self._ids_staging, self._pos_staging = PinnedStaging(torch.long), PinnedStaging(torch.long)
         if config.cuda_graphs and device.type == "cuda" and self.backend.supports_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, device, config.max_num_seqs,
                                        max_blocks, self.block_size)
@@ -183,12 +185,8 @@ class ModelRunner:
             hidden = self.graphs.run(ids, ctx_lens, table, deltas)
             return self.model.compute_logits(hidden).float(), sample_seqs
         meta = self.backend.build_metadata(q_lens, ctx_lens, tables, self.block_size, dev, table)
-        pos = self._positions(batch, meta)
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        if dev.type == "cuda":
-            input_ids, pos = input_ids.pin_memory(), pos.pin_memory()
-        input_ids = input_ids.to(dev, non_blocking=True)
-        pos = pos.to(dev, non_blocking=True)
+        pos = self._pos_staging.to_device(self._positions(batch, meta).numpy(), dev)
+        input_ids = self._ids_staging.to_device(np.asarray(ids, np.int64), dev)
         embeds = self._embed_with_images(batch, input_ids, meta.query_start) if images else None
         hidden = self.model(pos, meta, self.kv_caches, input_ids=input_ids, inputs_embeds=embeds)
         if not sample_rows:
