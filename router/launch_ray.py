@@ -302,7 +302,8 @@ class RayDeployment(Deployment):
                 info = ray.get(ref)
             except ray.exceptions.ActorDiedError as e:
                 self.given_up.add(name)
-                why = f"its Ray actor died past max_restarts={self.max_restarts}: {str(e).splitlines()[0]}"
+                why = (f"its Ray actor is dead and will not be restarted (max_restarts={self.max_restarts}): "
+                       f"{str(e).splitlines()[0]}")
                 log.error("%s: %s; the rest keep serving", name, why)
                 self._tell_router(name, self.max_restarts, why)
                 continue

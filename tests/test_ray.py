@@ -8,6 +8,7 @@ the deployment always fits). The processes' parents (owner actor, then the rayle
 it) show where Ray put them. Answers must be
 transformers' greedy tokens, before and after a kill -9 of the decode worker's owner actor and of
 the prefill worker's own process (Ray restarts each, a new incarnation registers with the router),
+of the router's process (back on the same addresses, its workers register again),
 and after the encode worker's actor is killed for good (given up: prefill encodes the images).
 SIGTERM to epd-serve must leave no process of the deployment, and ``ray stop`` none of Ray's.
 """
@@ -229,6 +230,25 @@ def test_killed_worker_actor_restarts(serve, cases):
         _record(serve)
         _check_answers(serve, cases)
     assert "decode-0 restarted by Ray" in serve.tail(100_000)
+
+
+@on_cluster
+def test_killed_router_comes_back_on_its_addresses(serve, cases):
+    """kill -9 of the router's process: Ray restarts it in its bundle (same node, same ports) and the
+    workers, which never restarted, register with it again."""
+    port = serve.url.rsplit(":", 1)[1]
+    router = [p for p in _pids() if "-m router.server" in (c := _cmdline(p)) and f"--port {port} " in c]
+    assert len(router) == 1 and "ProcessOwner" in _cmdline(_ppid(router[0])), router
+    before = {name: w["incarnation"] for name, w in _record(serve).items()}
+    serve.pids.add(router[0])
+    os.kill(router[0], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while (h := serve.health()).get("status") != "ok":
+        assert time.monotonic() < deadline, f"the router did not come back: {h}\n{serve.tail()}"
+        time.sleep(0.5)
+    assert {name: w["incarnation"] for name, w in h["workers"].items()} == before  # the same worker processes
+    _check_answers(serve, cases)
+    assert "router restarted by Ray" in serve.tail(100_000)
 
 
 @on_cluster
