@@ -14,9 +14,9 @@ under the local launcher, and Ray's resource accounting sees one actor per proce
   ``launcher.groups.NAME.strategy``, default ``STRICT_PACK``: one node), the others get a
   group each. The router's request is ``launcher.router``.
 - **The router's address.** A probe task in the router's bundle reads the node's IP and picks
-  free ports there (or takes ``launcher.ports``); the router actor binds them and publishes
-  them, and every worker gets them on its command line. The bundle pins the router to its node,
-  so a restarted router comes back on the same addresses and the workers find it again.
+  free ports there (or takes ``launcher.ports``): the router's addresses, which its actor binds
+  and every worker gets on its command line. The bundle pins the router to its node, so a
+  restarted router comes back on the same addresses and the workers find it again.
 - **Restarts.** An owner starts its process in ``__init__`` and exits (``os._exit``) when the
   process dies, so Ray restarts the actor (``launcher.max_restarts``, default 5) and with it a
   new process: a worker comes back as a new incarnation. A killed owner takes its process with
@@ -47,7 +47,6 @@ from router.serve import Deployment, _die_with
 log = logging.getLogger("epd.serve.ray")
 NODE_IP = "{node_ip}"  # in an owner's argv: replaced by the IP of the node it runs on
 PYTHON = "{python}"  # the owner's own interpreter (a node's path, not the driver's)
-RAY_KEYS = ("num_cpus", "num_gpus", "memory", "resources", "labels", "group")
 PLACE_TIMEOUT_S = 120.0  # default of launcher.place_timeout_s
 CHECK_EVERY_S = 2.0  # supervision: how often the owners are asked how they are
 
