@@ -168,6 +168,30 @@ def test_choice_order(holder, expected):
     assert stats["backends"]["ucx"]["pulls_done"] == by_backend["ucx"]
 
 
+def test_idle_progress_sleeps():
+    """After pulls (here to its own store), an idle backend's loop progresses UCX only on an event:
+    a few wake-ups a second, no CPU to speak of (ucxx's blocking mode spun a core; issue 10)."""
+    from transfer.ucx_backend import start_ucx
+    from transfer.ucx_progress import progress
+
+    async def main():
+        b = UcxBackend()
+        await b.start()
+        b.put("k", [torch.ones(1 << 18)])  # 1 MiB: a rendezvous, not an eager message
+        for _ in range(3):
+            await b.pull(b.address, "k", timeout=10)
+        drv = progress(start_ucx())
+        await asyncio.sleep(0.3)  # the last completions
+        runs, cpu = drv.runs, time.process_time()
+        await asyncio.sleep(1.5)
+        runs, cpu = drv.runs - runs, time.process_time() - cpu
+        await b.close()
+        return runs, cpu
+
+    runs, cpu = asyncio.run(main())
+    assert runs <= 3 and cpu < 0.1, (runs, cpu)
+
+
 def test_forget_peer_then_pull_again(holder, expected):
     _, _, card = holder
 
