@@ -378,9 +378,12 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
                                  for t in lp.top]} for lp in d.logprobs]
             flight.logprob_sum = (flight.logprob_sum or 0.0) + sum(lp.logprob for lp in d.logprobs)
         if flight.plan is not None:
-            ttft = self.plan_metrics.on_delta(flight.plan, flight.req, d, first=not flight.tokens and flight.attempt == 0)
+            ttft, tpot = self.plan_metrics.on_delta(flight.plan, flight.req, d,
+                                                    first=not flight.tokens and flight.attempt == 0)
             if ttft is not None:
                 self.planner.first_token(flight.plan, ttft)
+            if tpot is not None:
+                self.planner.finished(flight.plan, tpot)
         flight.tokens += d.token_ids
         flight.text_len += len(d.text)
         flight.queue.put_nowait(ApiDelta(d.text, list(d.token_ids), d.finish_reason, d.prompt_tokens,

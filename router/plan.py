@@ -46,7 +46,8 @@ class Plan:
     admitted_at: float = 0.0  # time.monotonic() at admission
     first_token_at: float | None = None
     tokens: int = 0  # output tokens delivered
-    overhead_s: float = 0.0  # the learned hop overhead included in ttft_s
+    overhead_s: float = 0.0  # the learned TTFT offset included in ttft_s
+    tpot_overhead_s: float = 0.0  # the learned TPOT offset included in tpot_s
 
     def worker_for(self, roles: tuple[str, ...]) -> str | None:
         """The planned worker of a stage (``roles`` as the core asks for it), or None."""
@@ -87,8 +88,10 @@ class Planner:
         self.slo = slo or Slo()
         self.costs: dict[tuple[str, str], WorkerCost] = {}  # (worker id, incarnation) -> model
         # Per prefill-capable worker: an EWMA of actual TTFT - predicted (the hops, transfers,
-        # tokenization and queueing no step timing sees), added to its TTFT predictions.
+        # tokenization and queueing no step timing sees; negative when the profile ran on a
+        # busier device), added to its TTFT predictions; per decode-capable worker the same of TPOT.
         self.overhead: dict[str, float] = {}
+        self.tpot_overhead: dict[str, float] = {}
         self._sizer: PromptSizer | None = None
         self._sizer_dir: str | None = None
 
@@ -191,13 +194,16 @@ class Planner:
         prefill_s = cost.prefill_s(size.prompt_tokens)
         plan.prefill = prefill.worker_id
         plan.work[prefill.worker_id] = encode + prefill_s
-        plan.overhead_s = self.overhead.get(prefill.worker_id, 0.0)
-        plan.ttft_s = max(queue, images_ready) + encode + prefill_s + plan.overhead_s
+        raw = max(queue, images_ready) + encode + prefill_s
+        plan.overhead_s = max(self.overhead.get(prefill.worker_id, 0.0), -0.9 * raw)
+        plan.ttft_s = raw + plan.overhead_s
         plan.wait_s = max(queue, plan.wait_s)
         target = decode or prefill
         seqs, ctx = self.decode_load(target)
         plan.decode = decode.worker_id if decode is not None else None
-        plan.tpot_s = self.cost(target).decode_step_s(seqs + 1, ctx + size.prompt_tokens + max_tokens // 2)
+        raw = self.cost(target).decode_step_s(seqs + 1, ctx + size.prompt_tokens + max_tokens // 2)
+        plan.tpot_overhead_s = max(self.tpot_overhead.get(target.worker_id, 0.0), -0.9 * raw)
+        plan.tpot_s = raw + plan.tpot_overhead_s
 
     def least_wait(self, x) -> float:
         """The shortest predicted queueing of any plan for ``x`` (``PlanInputs``): the least busy
@@ -212,9 +218,18 @@ class Planner:
         """A planned request's actual TTFT: learn its prefill worker's overhead."""
         if plan.prefill is None:
             return
-        residual = max(ttft_s - (plan.ttft_s - plan.overhead_s), 0.0)
-        old = self.overhead.get(plan.prefill)
-        self.overhead[plan.prefill] = residual if old is None else old + OVERHEAD_ALPHA * (residual - old)
+        _ewma(self.overhead, plan.prefill, ttft_s - (plan.ttft_s - plan.overhead_s))
+
+    def finished(self, plan: Plan, tpot_s: float) -> None:
+        """A planned request's actual TPOT: learn its decode worker's offset."""
+        worker = plan.decode or plan.prefill
+        if worker is not None:
+            _ewma(self.tpot_overhead, worker, tpot_s - (plan.tpot_s - plan.tpot_overhead_s))
 
     def meets(self, plan: Plan, slo: Slo) -> bool:
         return slo.tpot_s is None or plan.tpot_s <= slo.tpot_s
+
+
+def _ewma(table: dict[str, float], key: str, value: float) -> None:
+    old = table.get(key)
+    table[key] = value if old is None else old + OVERHEAD_ALPHA * (value - old)

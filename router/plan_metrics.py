@@ -37,8 +37,9 @@ class PlanMetrics:
         self.rejected.labels(reason="queue").inc(0)
         self.mismatches = 0
 
-    def on_delta(self, plan, req, delta, first: bool) -> float | None:
-        """Every delta of a planned request: time its first token (returned, the TTFT) and its end."""
+    def on_delta(self, plan, req, delta, first: bool) -> tuple[float | None, float | None]:
+        """Every delta of a planned request: time its first token and its end; (the TTFT at the
+        first token, the TPOT at the last), None otherwise."""
         now, ttft = time.monotonic(), None
         if first and plan.first_token_at is None:
             ttft = now - plan.admitted_at
@@ -51,24 +52,24 @@ class PlanMetrics:
                 self.ttft_ratio.labels(policy=plan.policy).observe((now - plan.admitted_at) / plan.ttft_s)
         plan.tokens += len(delta.token_ids)
         if delta.finish_reason is None or plan.first_token_at is None:
-            return ttft
-        self._finished(plan, now)
-        return ttft
+            return ttft, None
+        return ttft, self._finished(plan, now)
 
-    def _finished(self, plan, now: float) -> None:
+    def _finished(self, plan, now: float) -> float | None:
         ttft = plan.first_token_at - plan.admitted_at
         tpot = (now - plan.first_token_at) / (plan.tokens - 1) if plan.tokens > 1 else None
         if tpot is not None and plan.tpot_s > 0:
             self.tpot_ratio.labels(policy=plan.policy).observe(tpot / plan.tpot_s)
         slo = plan.slo
         if slo is None or (slo.ttft_s is None and slo.tpot_s is None):
-            return
+            return tpot
         met = []
         if slo.ttft_s is not None:
             met.append(self._count("ttft", ttft <= slo.ttft_s))
         if slo.tpot_s is not None and tpot is not None:
             met.append(self._count("tpot", tpot <= slo.tpot_s))
         self._count("both", all(met))
+        return tpot
 
     def _count(self, metric: str, ok: bool) -> bool:
         (self.attained if ok else self.missed).labels(metric=metric).inc()
