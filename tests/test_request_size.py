@@ -45,3 +45,14 @@ def test_qwen_resize_bounds():
     assert h % 28 == 0 and w % 28 == 0 and h * w <= 28 * 28 * 1280
     h, w = qwen_resize(10, 10, 28, 56 * 56, 28 * 28 * 1280)
     assert h * w >= 56 * 56
+
+
+def test_counting_loads_no_torch(llava_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys, router.server; from router.request_size import PromptSizer; "
+            f"PromptSizer({llava_dir!r}); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'stages')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
