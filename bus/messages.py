@@ -144,6 +144,13 @@ class TokenDelta:
     logprobs: list[TokenLogprob] | None = None
 
 
+@message(14)
+class TokenDeltas:
+    """One engine step's deltas, in one message: the router handles each as its own TokenDelta."""
+
+    deltas: list[TokenDelta]
+
+
 @message(4)
 class EncodeDone:
     request_id: str

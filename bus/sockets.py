@@ -177,6 +177,18 @@ class AsyncSocket(_Base):
         ctx: zmq.asyncio.Context | None = None,
     ):
         super().__init__(kind, addr, bind, identity, topics, ctx or zmq.asyncio.Context.instance())
+        # The fast path: a plain socket on the same handle tries each operation without waiting;
+        # only one that would block takes zmq.asyncio's Future machinery (~25 us per message,
+        # measured as a fifth of the router's busy time under token streams). After a direct
+        # operation, zmq.asyncio is told to look at the socket again: its file descriptor is
+        # edge-triggered, and a send can consume the edge a waiting receiver needs.
+        self._wake = getattr(self._sock, "_schedule_remaining_events", None)
+        self._direct = zmq.Socket.shadow(self._sock.underlying) if self._wake is not None else None
+        self._waiting_sends = 0  # sends queued in zmq.asyncio: a direct send must not overtake them
+
+    def close(self) -> None:
+        self._direct = None  # the shadow must not outlive the handle
+        super().close()
 
     async def send(self, msg: Any, to: bytes | None = None) -> None:
         """Send a `@message`; `to` is the identity (ROUTER) or topic (PUB). PeerGone if gone."""
@@ -185,9 +197,29 @@ class AsyncSocket(_Base):
     async def send_frames(self, frames: list[Any], to: bytes | None = None) -> None:
         """Send already-encoded frames (e.g. forwarded unread by a routing hop)."""
         parts = self._prefixed(frames, to)
-        # copy=False costs a Frame object per part: worth it only to spare a big tensor a copy.
+        small = _all_small(parts)
+        direct = self._direct
         try:
-            await self._sock.send_multipart(parts, copy=_all_small(parts))
+            if direct is not None and not self._waiting_sends:
+                try:
+                    # zmq queues a multipart message whole: only the first frame can block.
+                    direct.send(parts[0], zmq.DONTWAIT | (zmq.SNDMORE if len(parts) > 1 else 0),
+                                copy=small or _small(parts[0]))
+                except zmq.Again:
+                    pass
+                else:
+                    for p in parts[1:-1]:
+                        direct.send(p, zmq.SNDMORE, copy=small or _small(p))
+                    if len(parts) > 1:
+                        direct.send(parts[-1], copy=small or _small(parts[-1]))
+                    self._wake()
+                    return
+            self._waiting_sends += 1
+            try:
+                # copy=False costs a Frame object per part: worth it only to spare a big tensor a copy.
+                await self._sock.send_multipart(parts, copy=small)
+            finally:
+                self._waiting_sends -= 1
         except zmq.ZMQError as e:
             raise self._gone(e, to) from e
 
@@ -195,6 +227,20 @@ class AsyncSocket(_Base):
         self, timeout: float | None = None
     ) -> tuple[bytes | None, list[zmq.Frame]]:
         """The next message's raw frames and its prefix. TimeoutError after `timeout` s."""
+        direct = self._direct
+        if direct is not None:
+            try:
+                f = direct.recv(zmq.DONTWAIT, copy=False)
+            except zmq.Again:
+                pass
+            else:
+                parts = [f]
+                while f.more:
+                    f = direct.recv(copy=False)
+                    parts.append(f)
+                if self._waiting_sends:
+                    self._wake()
+                return self._split(parts)
         if timeout is not None and not await self._sock.poll(int(timeout * 1000), zmq.POLLIN):
             raise TimeoutError(f"no message on {self.kind} socket within {timeout} s")
         return self._split(await self._sock.recv_multipart(copy=False))

@@ -291,14 +291,19 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
                 log.warning("dropping a malformed worker message: %s", e)
                 continue
             wid = ident.decode() if ident else "?"
-            try:
-                await self._on_worker_message(wid, msg)
-            except ApiError as e:
-                flight, current = self._flight_of(getattr(msg, "request_id", None) or "")
-                if flight is not None and current:
-                    flight.queue.put_nowait(e)
-            except Exception:  # noqa: BLE001 - one bad message never stops the router
-                log.exception("error handling %s from %s", type(msg).__name__, wid)
+            # A step's batch is handled delta by delta: each passes the ownership checks alone.
+            for one in msg.deltas if isinstance(msg, m.TokenDeltas) else (msg,):
+                await self._on_one_message(wid, one)
+
+    async def _on_one_message(self, wid: str, msg) -> None:
+        try:
+            await self._on_worker_message(wid, msg)
+        except ApiError as e:
+            flight, current = self._flight_of(getattr(msg, "request_id", None) or "")
+            if flight is not None and current:
+                flight.queue.put_nowait(e)
+        except Exception:  # noqa: BLE001 - one bad message never stops the router
+            log.exception("error handling %s from %s", type(msg).__name__, wid)
 
     async def _on_worker_message(self, wid: str, msg) -> None:
         if isinstance(msg, m.WorkerReady):

@@ -349,8 +349,11 @@ class StageWorker(PeerCacheMixin):
         asyncio.create_task(self._send_outputs(outs, handoffs or {}))
 
     async def _send_outputs(self, outs: list[RequestOutput], handoffs: dict[str, Handoff]) -> None:
+        # One message per step, not per request: the router's per-message cost (a socket wakeup,
+        # a decode, the dispatch) is paid once per step. A PrefillDone still follows its delta.
+        deltas = [output_to_delta(out, self.engine.tokenizer) for out in outs]
+        await self.sock.send(deltas[0] if len(deltas) == 1 else m.TokenDeltas(deltas))
         for out in outs:
-            await self.sock.send(output_to_delta(out, self.engine.tokenizer))
             h = handoffs.get(out.request_id)
             if h is not None:
                 key = handoff_key(out.request_id)

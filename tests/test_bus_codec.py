@@ -380,3 +380,15 @@ def test_the_bus_imports_no_torch():
         "assert 'torch' not in sys.modules, 'bus imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_a_steps_token_deltas_round_trip_as_token_deltas():
+    from bus import messages as m
+
+    lp = [m.TokenLogprob(7, "a", -0.5, [m.TopLogprob(7, "a", -0.5)])]
+    batch = m.TokenDeltas([m.TokenDelta("r1", "a", [7], None, None, 3, 1, 0, lp),
+                           m.TokenDelta("r2@r1", "", [], "length", None, 4, 2)])
+    frames = encode(batch)
+    assert len(frames) == 2  # one header, no tensor frames
+    assert decode(frames) == batch
+    assert all(type(d) is m.TokenDelta for d in decode(frames).deltas)
