@@ -6,8 +6,8 @@ Starts the deployment (``router.serve.Deployment``), measures its capacity (clos
 concurrent clients) unless ``--rate`` is a number, then sends requests at ``--load`` (default
 70%) of it as a Poisson stream for ``--minutes``: a chat with one image each, drawn from
 ``--images`` distinct random images (0: a new one per request). Every ``--every`` seconds it
-samples every process's RSS and the KV blocks in use. Writes ``soak.csv``, ``soak.png`` (RSS per
-process and KV blocks over time) and prints per process: RSS after warm-up and at the end, the
+samples every process's RSS, the KV blocks in use and the router's cluster-index entries. Writes
+``soak.csv``, ``soak.png`` (RSS per process, KV blocks and index entries over time) and prints per process: RSS after warm-up and at the end, the
 slope after warm-up (MB/min, least squares) and the errors.
 """
 
@@ -20,6 +20,8 @@ import csv
 import io
 import json
 import random
+import re
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config_path(args.config))
     model = args.model or cfg.get("model") or default_model()
-    dep = Deployment(cfg, model, log_dir=out / "logs")
+    dep = Deployment(cfg, model, log_dir=tempfile.mkdtemp(prefix="epd-soak-logs-"))
     dep.start(timeout=300)
     try:
         load = Load(dep.url, dep.name, args.images, args.max_tokens)
@@ -142,8 +144,10 @@ def main(argv=None) -> int:
                 return
             next_sample[0] = now + args.every
             with urllib.request.urlopen(f"{dep.url}/metrics", timeout=5) as r:
-                kv = kv_blocks_used(r.read().decode())
-            rows.append([now, *(_rss_mb(dep.procs[n].pid) for n in names), kv, load.ok, load.errors])
+                text = r.read().decode()
+            index = sum(float(v) for v in re.findall(r'^epd:cluster_index_entries\{[^}]*\} ([0-9.e+]+)$', text, re.M))
+            rows.append([now, *(_rss_mb(dep.procs[n].pid) for n in names), kv_blocks_used(text), index,
+                         load.ok, load.errors])
 
         asyncio.run(load.steady(rate, args.minutes * 60, sample))
         next_sample[0] = 0
@@ -152,7 +156,8 @@ def main(argv=None) -> int:
         dep.stop()
     with open(out / "soak.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["t_s", *(f"rss_mb_{n}" for n in names), "kv_blocks_used", "ok", "errors"])
+        w.writerow(["t_s", *(f"rss_mb_{n}" for n in names), "kv_blocks_used", "cluster_index_entries", "ok",
+                    "errors"])
         w.writerows(rows)
     data = np.array(rows)
     t_min = data[:, 0] / 60
@@ -185,8 +190,10 @@ def _plot(path: Path, t_min, data, names, summary) -> None:
     a.legend(fontsize=8)
     a.set_title(f"soak: {summary['config']}, {summary['rate']} req/s, {summary['ok']} ok / "
                 f"{summary['errors']} errors")
-    b.plot(t_min, data[:, len(names) + 1])
-    b.set_ylabel("KV blocks in use")
+    b.plot(t_min, data[:, len(names) + 1], label="KV blocks in use")
+    b.plot(t_min, data[:, len(names) + 2], label="cluster index entries (router)")
+    b.set_yscale("symlog")
+    b.legend(fontsize=8)
     b.set_xlabel("minutes")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
