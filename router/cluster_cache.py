@@ -34,8 +34,8 @@ class ClusterCacheMixin:
     """Needs from its host: ``registry``, ``policy``, ``flights``, ``sock``, ``recoveries``, ``_to``,
     ``_flight_of``, ``_generate_msg`` and ``_send_quiet``."""
 
-    def _init_cluster_cache(self, enabled: bool) -> None:
-        self.index = ClusterIndex()
+    def _init_cluster_cache(self, enabled: bool, index_bounds: dict[str, int] | None = None) -> None:
+        self.index = ClusterIndex(**(index_bounds or {}))  # max_kv_entries, max_embedding_entries, max_aliases
         self.cluster_cache = enabled  # off: every image is encoded, every prefix computed (A/B runs)
         self.encoding: dict[str, asyncio.Future] = {}  # image bytes key -> its ImageRef, while encoding
         self.encode_jobs: dict[str, tuple[str, list[str]]] = {}  # request id -> (encode worker, bytes keys)

@@ -10,26 +10,42 @@ verifies it on arrival (shapes, token ids) and falls back to computing.
   holds its first ``n`` blocks.
 - Embeddings: pixel hash -> (worker -> ImageRef). The router never decodes
   images, so it also remembers which file bytes produced which pixel hash
-  (``aliases``, bounded LRU).
+  (``aliases``).
+
+Every map is bounded (``router.cluster_cache`` in the configs): when one is
+full, its least recently stored or hit entry goes. Forgetting an entry only
+loses a hint (a recompute at most), while the workers' pools alone would let
+the router mirror every KV block of every worker (~23 MB per 65,536-block pool: the soak's RSS growth).
+Invariant: ``kv_of[w]`` holds exactly the hashes ``h`` with ``w in kv[h]``, and
+``emb_of[w]`` the pixel hashes ``h`` with ``w in emb[h]``.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from bus.messages import ImageRef
 
+MAX_KV_ENTRIES = 200_000  # ~95 MB at ~480 B each (hash, holder set, LRU links, reverse map)
+MAX_EMBEDDING_ENTRIES = 20_000
 MAX_ALIASES = 100_000
+
+KINDS = ("kv_blocks", "embeddings", "aliases")  # the ``kind`` label of the index's metrics
 
 
 class ClusterIndex:
-    def __init__(self, max_aliases: int = MAX_ALIASES):
-        self.kv: dict[str, set[str]] = {}  # block hash -> worker ids
+    def __init__(self, max_kv_entries: int = MAX_KV_ENTRIES, max_embedding_entries: int = MAX_EMBEDDING_ENTRIES,
+                 max_aliases: int = MAX_ALIASES):
+        if min(max_kv_entries, max_embedding_entries, max_aliases) < 1:
+            raise ValueError("cluster-index bounds must be at least 1")
+        # Each OrderedDict runs from least to most recently stored or hit.
+        self.kv: OrderedDict[str, set[str]] = OrderedDict()  # block hash -> worker ids
         self.kv_of: dict[str, set[str]] = {}  # worker id -> block hashes
-        self.emb: dict[str, dict[str, ImageRef]] = {}  # pixel hash -> worker id -> ref
+        self.emb: OrderedDict[str, dict[str, ImageRef]] = OrderedDict()  # pixel hash -> worker id -> ref
         self.emb_of: dict[str, set[str]] = {}  # worker id -> pixel hashes
         self.aliases: OrderedDict[str, str] = OrderedDict()  # image bytes key -> pixel hash
-        self.max_aliases = max_aliases
+        self.capacity = {"kv_blocks": max_kv_entries, "embeddings": max_embedding_entries, "aliases": max_aliases}
+        self.evictions: Counter[str] = Counter({kind: 0 for kind in KINDS})
 
     # ---- KV blocks ------------------------------------------------------------------------------
     def kv_event(self, worker_id: str, stored: list[str], evicted: list[str]) -> None:
@@ -41,9 +57,21 @@ class ClusterIndex:
                 holders.discard(worker_id)
                 if not holders:
                     del self.kv[h]
-        for h in stored:
+        # Children before parents, so that a chain's head is the newest and a full index drops
+        # tails first: a block whose parent is forgotten can never be part of a hit.
+        for h in reversed(stored):
             mine.add(h)
-            self.kv.setdefault(h, set()).add(worker_id)
+            holders = self.kv.get(h)
+            if holders is None:
+                self.kv[h] = {worker_id}
+            else:
+                holders.add(worker_id)
+                self.kv.move_to_end(h)
+        while len(self.kv) > self.capacity["kv_blocks"]:
+            h, holders = self.kv.popitem(last=False)
+            for wid in holders:
+                self.kv_of[wid].discard(h)
+            self.evictions["kv_blocks"] += 1
 
     def longest_prefix(self, hashes: list[str], exclude: str, alive: set[str]) -> tuple[set[str], int]:
         """The alive workers (not ``exclude``) holding the longest leading run of ``hashes``, and its length."""
@@ -56,12 +84,24 @@ class ClusterIndex:
             if not still:
                 break
             candidates, n = still, n + 1
+        for h in reversed(hashes[:n]):  # a hit: the run is recent again, its head newest
+            self.kv.move_to_end(h)
         return (candidates if n else set()), n
 
     # ---- image embeddings -------------------------------------------------------------------------
     def embedding_stored(self, worker_id: str, ref: ImageRef) -> None:
-        self.emb.setdefault(ref.content_hash, {})[worker_id] = ref
+        holders = self.emb.get(ref.content_hash)
+        if holders is None:
+            holders = self.emb[ref.content_hash] = {}
+        else:
+            self.emb.move_to_end(ref.content_hash)
+        holders[worker_id] = ref
         self.emb_of.setdefault(worker_id, set()).add(ref.content_hash)
+        while len(self.emb) > self.capacity["embeddings"]:
+            h, gone = self.emb.popitem(last=False)
+            for wid in gone:
+                self.emb_of[wid].discard(h)
+            self.evictions["embeddings"] += 1
 
     def embedding_evicted(self, worker_id: str, content_hash: str) -> None:
         holders = self.emb.get(content_hash)
@@ -74,8 +114,9 @@ class ClusterIndex:
     def learn_alias(self, bytes_key: str, content_hash: str) -> None:
         self.aliases[bytes_key] = content_hash
         self.aliases.move_to_end(bytes_key)
-        while len(self.aliases) > self.max_aliases:
+        while len(self.aliases) > self.capacity["aliases"]:
             self.aliases.popitem(last=False)
+            self.evictions["aliases"] += 1
 
     def embedding_for(self, bytes_key: str, alive: set[str]) -> ImageRef | None:
         """A ref to an alive holder of the image whose file hashed to ``bytes_key``, if any."""
@@ -86,6 +127,7 @@ class ClusterIndex:
         holders = self.emb.get(content_hash, {})
         for wid in sorted(holders):
             if wid in alive:
+                self.emb.move_to_end(content_hash)
                 return holders[wid]
         return None
 

@@ -80,7 +80,8 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
     def __init__(self, served_models: list[str], policy: DispatchPolicy | None = None,
                  expected: dict[str, int] | None = None, heartbeat_timeout: float = 5.0, metrics=None,
                  cluster_cache: bool = True, retry_budget: int = 2, worker_wait_s: float = 60.0,
-                 slo: Slo | None = None, max_queue_s: float | None = None, plan_metrics: PlanMetrics | None = None):
+                 slo: Slo | None = None, max_queue_s: float | None = None, plan_metrics: PlanMetrics | None = None,
+                 cluster_index_bounds: dict[str, int] | None = None):
         self.served_models = served_models
         self.policy = policy or SloAware()
         self.expected = expected or {}
@@ -97,7 +98,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
         self.planner = Planner(self.registry, self.flights, slo)
         self.max_queue_s = max_queue_s  # admission: 429 when every plan waits longer (None: queue)
         self.plan_metrics = plan_metrics or PlanMetrics()
-        self._init_cluster_cache(cluster_cache)
+        self._init_cluster_cache(cluster_cache, cluster_index_bounds)
         self._init_tokenize()
 
     # ---- sockets ----------------------------------------------------------------------------
@@ -327,7 +328,8 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
             if rec is not None and self.metrics is not None:
                 self.metrics.update_worker(rec)
                 self.metrics.update_counts(self.registry.counts())
-                self.metrics.update_cluster(self.index.stats(), self.cache_stats)
+                self.metrics.update_cluster(self.index.stats(), self.cache_stats, self.index.capacity,
+                                            self.index.evictions)
             return
         if isinstance(msg, m.PullFailed):
             self._pull_failed(wid, msg)

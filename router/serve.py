@@ -69,6 +69,20 @@ ENGINE_FLAGS = {"dtype": "--dtype", "device": "--device", "kv_cache_memory_gb": 
                 "load_format": "--load-format", "threads": "--threads"}
 
 
+def cluster_cache_args(cfg) -> list[str]:
+    """epd-router flags of ``router.cluster_cache``: true/false, or {enabled, max_kv_entries,
+    max_embedding_entries, max_aliases} (the cluster index's bounds)."""
+    if not isinstance(cfg, dict):
+        return ["--no-cluster-cache"] if cfg is False else []
+    out = ["--no-cluster-cache"] if cfg.get("enabled", True) is False else []
+    for key, flag in (("max_kv_entries", "--cluster-index-max-kv"),
+                      ("max_embedding_entries", "--cluster-index-max-embeddings"),
+                      ("max_aliases", "--cluster-index-max-aliases")):
+        if cfg.get(key) is not None:
+            out += [flag, str(int(cfg[key]))]
+    return out
+
+
 def slo_args(router_cfg: dict) -> list[str]:
     """epd-router flags of ``router.slo: {ttft_ms, tpot_ms}`` and ``router.admission: {max_queue_s}``
     (``off`` or absent: requests queue without bound)."""
@@ -211,8 +225,7 @@ class Deployment:
             value = router_cfg.get(key)
             if value is not None:
                 api_args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
-        if router_cfg.get("cluster_cache") is False:
-            api_args.append("--no-cluster-cache")
+        api_args += cluster_cache_args(router_cfg.get("cluster_cache"))
         api_args += slo_args(router_cfg)
         admin_key = router_cfg.get("admin_key")
         return ([sys.executable, "-m", "router.server", "--served-model-name", self.name,

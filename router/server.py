@@ -13,6 +13,7 @@ from aiohttp import web
 from router.admin import add_admin_routes
 from router.api import make_app
 from router.client_front import ClientFront
+from router.cluster_index import MAX_ALIASES, MAX_EMBEDDING_ENTRIES, MAX_KV_ENTRIES
 from router.core import RouterCore
 from router.limits import ApiLimits
 from router.metrics import ApiMetrics
@@ -60,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-cluster-cache", dest="cluster_cache", action="store_false",
                     help="never reuse another worker's image embeddings or prefix KV (for A/B runs); "
                          "default: reuse them")
+    ap.add_argument("--cluster-index-max-kv", type=int, default=MAX_KV_ENTRIES,
+                    help="KV block hashes the cluster index remembers (least recently used go first)")
+    ap.add_argument("--cluster-index-max-embeddings", type=int, default=MAX_EMBEDDING_ENTRIES,
+                    help="image embeddings the cluster index remembers (least recently used go first)")
+    ap.add_argument("--cluster-index-max-aliases", type=int, default=MAX_ALIASES,
+                    help="image-bytes -> pixel-hash aliases the cluster index remembers")
     ap.add_argument("--expect", default="", help="workers /health waits for, e.g. encode=1,prefill=1,decode=1")
     ap.add_argument("--policy", default="slo_aware", choices=sorted(POLICIES),
                     help="dispatch policy: slo_aware plans each request from the workers' measured costs; "
@@ -105,7 +112,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                       retry_budget=args.retry_budget, worker_wait_s=args.worker_wait,
                       slo=Slo(ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
                               tpot_s=args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None),
-                      max_queue_s=args.max_queue_s, plan_metrics=PlanMetrics(api_metrics.registry))
+                      max_queue_s=args.max_queue_s, plan_metrics=PlanMetrics(api_metrics.registry),
+                      cluster_index_bounds={"max_kv_entries": args.cluster_index_max_kv,
+                                            "max_embedding_entries": args.cluster_index_max_embeddings,
+                                            "max_aliases": args.cluster_index_max_aliases})
     await core.start(args.worker_addr, args.control_addr)
     front = ClientFront(core, limits)
     await front.start(args.client_addr)

@@ -102,6 +102,11 @@ class WorkerMetrics:
         self.alive = g("epd:workers_alive", "Workers registered and heartbeating.", ["role"])
         self.cache = {name: c(f"epd:{name}_total", doc, ["worker", "role"]) for name, doc in CACHE_COUNTERS.items()}
         self.index = g("epd:cluster_index_entries", "Entries in the router's cluster index, by kind.", ["kind"])
+        self.index_capacity = g("epd:cluster_index_capacity", "Most entries the router's cluster index keeps, by "
+                                "kind (router.cluster_cache: max_kv_entries, max_embedding_entries, max_aliases).",
+                                ["kind"])
+        self.index_evictions = c("epd:cluster_index_evictions_total", "Entries the router's cluster index forgot "
+                                 "because it was full (least recently used first), by kind.", ["kind"])
         self.recoveries = c("epd:request_recoveries_total", "Requests moved off a failed worker, by the "
                             "stage that failed (encode: the prefill worker encoded instead).", ["stage"])
         self.states = g("epd:workers", "Registered workers by state (alive, suspect, dead, given_up).",
@@ -136,9 +141,14 @@ class WorkerMetrics:
             if counters is not None:
                 counters.labels(**labels).set(n)
 
-    def update_cluster(self, index_stats: dict[str, int], router_stats: dict[str, int]) -> None:
+    def update_cluster(self, index_stats: dict[str, int], router_stats: dict[str, int],
+                       capacity: dict[str, int] | None = None, evictions: dict[str, int] | None = None) -> None:
         for kind, n in index_stats.items():
             self.index.labels(kind=kind).set(n)
+        for kind, n in (capacity or {}).items():
+            self.index_capacity.labels(kind=kind).set(n)
+        for kind, n in (evictions or {}).items():
+            self.index_evictions.labels(kind=kind).set(n)
         for event, n in router_stats.items():
             self.router_cache.labels(event=event).set(n)
 
