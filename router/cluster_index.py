@@ -26,7 +26,7 @@ from collections import Counter, OrderedDict
 
 from bus.messages import ImageRef
 
-MAX_KV_ENTRIES = 200_000  # ~95 MB at ~480 B each (hash, holder set, LRU links, reverse map)
+MAX_KV_ENTRIES = 100_000  # ~46 MB at ~480 B each (hash, holder set, LRU links, reverse map)
 MAX_EMBEDDING_ENTRIES = 20_000
 MAX_ALIASES = 100_000
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bus.messages import ImageRef
-from router.cluster_index import ClusterIndex
+from router.cluster_index import MAX_KV_ENTRIES, ClusterIndex
 from router.serve import cluster_cache_args
 from router.server import parse_args
 
@@ -110,4 +110,4 @@ def test_bounds_from_config_to_router_flags():
     args = parse_args(["--served-model-name", "m", *flags])
     assert (args.cluster_cache, args.cluster_index_max_kv, args.cluster_index_max_embeddings) == (True, 1000, 10)
     args = parse_args(["--served-model-name", "m", *cluster_cache_args({"enabled": False})])
-    assert not args.cluster_cache and args.cluster_index_max_kv == 200_000
+    assert not args.cluster_cache and args.cluster_index_max_kv == MAX_KV_ENTRIES
