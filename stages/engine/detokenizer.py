@@ -34,6 +34,12 @@ class IncrementalDetokenizer:
         # Fast tokenizers ignore spaces_between_special_tokens; slow ones honour it.
         self._decode_kwargs = {"skip_special_tokens": skip_special_tokens,
                                "spaces_between_special_tokens": spaces_between_special_tokens}
+        # A fast tokenizer without the cleanup pass decodes exactly as its Rust backend does:
+        # call that directly (the wrapper's argument handling cost more than the decode).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._fast = None
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._fast = backend.decode
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -42,7 +48,11 @@ class IncrementalDetokenizer:
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, **self._decode_kwargs) if ids else ""
+        if not ids:
+            return ""
+        if self._fast is not None:
+            return self._fast(ids, skip_special_tokens=self._decode_kwargs["skip_special_tokens"])
+        return self._tokenizer.decode(ids, **self._decode_kwargs)
 
     def add(self, new_token_ids: Sequence[int]) -> str:
         """Append output ids; return the newly complete text (may be "")."""
