@@ -178,7 +178,14 @@ def test_planned_dispatch(deployment, llava_dir):
             encoders = [w["worker_id"] for w in workers if w["role"] == "encode"]
             if len(encoders) < 2:
                 return await get(s, "/metrics")
+            # The counters arrive with heartbeats (1 s): wait until the earlier tests' encodes are in.
             before = _encoded_per_worker(await get(s, "/metrics"))
+            for _ in range(10):
+                await asyncio.sleep(1.2)
+                now = _encoded_per_worker(await get(s, "/metrics"))
+                if now == before:
+                    break
+                before = now
             rng = np.random.default_rng(77)
             imgs = [Image.fromarray(rng.integers(0, 255, (50 + 10 * i, 70, 3), dtype=np.uint8)) for i in range(4)]
             text = "Compare the four pictures"
