@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
+import signal
+import subprocess
 
 from router.serve import ROOT, Deployment, load_config
 
@@ -67,3 +70,22 @@ def start(config: str, model_dir: str, log_dir, **kw) -> Deployment:
 def kv_blocks_used(metrics_text: str) -> int:
     return int(sum(float(v) for v in re.findall(r'^epd:kv_cache_blocks_used\{[^}]*\} ([0-9.e+]+)$',
                                                  metrics_text, re.M)))
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (its name may hold spaces)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """Ctrl-C an ``epd-serve`` started in its own session; kill its group if it has not ended in 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

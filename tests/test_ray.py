@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from router.serve import ROOT, free_port
-from tests.e2e_util import chat_body, reference
+from tests.e2e_util import chat_body, pid_alive, reference
 
 CLUSTER_MARKS = (pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow,
                  pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra"))
@@ -62,19 +62,12 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(pid), f"{pid} still runs: {_cmdline(pid)[:160]}"
+    assert not pid_alive(pid), f"{pid} still runs: {_cmdline(pid)[:160]}"
 
 
 def _pids() -> set[int]:
@@ -87,7 +80,7 @@ def _ray_processes(since: set[int], temp_dir: str) -> list[str]:
     out = []
     for pid in _pids() - since:
         cmd = _cmdline(pid)
-        if _alive(pid) and (temp_dir in cmd or cmd.startswith("ray::") or "site-packages/ray/" in cmd):
+        if pid_alive(pid) and (temp_dir in cmd or cmd.startswith("ray::") or "site-packages/ray/" in cmd):
             out.append(f"{pid}: {cmd[:160]}")
     return out
 
@@ -196,7 +189,7 @@ def _check_answers(serve: RayServe, cases) -> None:
 def _record(serve: RayServe) -> dict:
     workers = serve.health()["workers"]
     for w in workers.values():
-        if _alive(w["pid"]):  # a given-up worker's process is gone
+        if pid_alive(w["pid"]):  # a given-up worker's process is gone
             serve.pids |= {w["pid"], _ppid(w["pid"])}
     return workers
 
@@ -277,7 +270,7 @@ def test_stop_leaves_nothing(serve, cluster):
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.proc.wait(90) == 0, serve.tail()
     time.sleep(1)
-    left = [f"{p}: {_cmdline(p)[:120]}" for p in serve.pids if _alive(p)]
+    left = [f"{p}: {_cmdline(p)[:120]}" for p in serve.pids if pid_alive(p)]
     assert not left, f"deployment processes left after epd-serve stopped: {left}"
     out = subprocess.run([RAY, "stop"], env=RAY_ENV, capture_output=True, text=True, timeout=120)
     cluster["stopped"] = out.returncode == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import tomllib
 import pytest
 
 from router.serve import ROOT, free_port, parse_args
+from tests.e2e_util import stop_serve
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
@@ -64,12 +64,7 @@ def serve(tmp_path_factory):
             time.sleep(0.5)
         yield port, sdk, log.read_text()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_serve(proc)
 
 
 def on_ports(code: str, port: int, sdk: int) -> str:

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from router.serve import ROOT, free_port
-from tests.e2e_util import chat_body
+from tests.e2e_util import chat_body, pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -84,15 +84,8 @@ class Serve:
             self.proc.kill()
         time.sleep(1)
         self.log.close()
-        return [p for p in set(children) if _alive(p)]
+        return [p for p in set(children) if pid_alive(p)]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")

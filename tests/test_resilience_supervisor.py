@@ -4,7 +4,6 @@ signal during the stop that kills what is left at once."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,14 +14,8 @@ from bus import messages as m
 from bus.sockets import SyncSocket, free_tcp_address
 from router import serve
 from router.serve import ROOT, Deployment
+from tests.e2e_util import pid_alive
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_restarts_then_gives_up_on_a_crash_loop(tmp_path, monkeypatch):
@@ -72,13 +65,13 @@ def _supervisor(tmp_path, child: str, body: str) -> tuple[subprocess.Popen, int]
 def test_children_die_with_epd_serve(tmp_path):
     """SIGKILL of the supervisor: the parent-death signal ends its child."""
     proc, child = _supervisor(tmp_path, "import time; time.sleep(120)", "time.sleep(120)")
-    assert _alive(child)
+    assert pid_alive(child)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
+    while pid_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child)
+    assert not pid_alive(child)
 
 
 def test_a_second_signal_during_the_stop_leaves_nothing(tmp_path):
@@ -98,9 +91,9 @@ def test_a_second_signal_during_the_stop_leaves_nothing(tmp_path):
     """)
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.0)
-    assert _alive(child)  # ignoring SIGTERM, inside the grace
+    assert pid_alive(child)  # ignoring SIGTERM, inside the grace
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=15)
     assert time.monotonic() - t0 < 10 and "stopped" in out and proc.returncode == 0
-    assert not _alive(child)
+    assert not pid_alive(child)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import openai
 import pytest
 
 from router.serve import ROOT, Deployment, apply_overrides, config_path, load_config, parse_args, worker_plan
+from tests.e2e_util import stop_serve
 
 
 def test_help_gives_every_flag_a_text_and_its_default():
@@ -82,9 +82,4 @@ def test_served_name_context_and_api_key_live(llava_dir, tmp_path):
         with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
             client.completions.create(model="my-llava", prompt="Hello " * 300, max_tokens=2)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_serve(proc)
