@@ -38,7 +38,10 @@ aborting one breaks the rendezvous of messages sent through its twin. So a
 puller numbers its endpoints and a holder that sees a new number answers
 through a fresh endpoint (``_reply_peer``).
 
-Error handling off means UCX never reports a dead peer; deadlines do. A pull
+Error handling off means UCX never reports a dead peer; deadlines do. (On
+one host, UCX's only transports with peer error handling are tcp ones, 3x
+slower; and CMA is left out, see ``start_ucx``: its read from a dead peer
+aborts the process.) A pull
 past its ``timeout`` raises ``TransferTimeout`` and condemns its endpoint: the
 endpoint is aborted (cancelling the receives still posted on it, whose
 buffers stay alive until then) once no other pull uses it, and the next pull
@@ -52,6 +55,7 @@ after the puller's timeout plus a grace and aborts its endpoint the same way.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import itertools
 import logging
@@ -59,6 +63,7 @@ import os
 import secrets
 import struct
 import sys
+import weakref
 
 import msgpack
 import numpy as np
@@ -77,6 +82,8 @@ _CTRL_BYTES = 64 << 10  # a request or a reply header: a key, an address, a few 
 _REQUEST_BIT = 1 << 63
 _FRAME_BITS = 16  # tag = pull tag base | (1 + tensor index)
 _MAX_TENSORS = (1 << _FRAME_BITS) - 2
+_CLOSE_WAIT_S = 30.0  # an aborted endpoint's close may wait this long for its peer's answer
+_closing: set = set()  # tasks finishing aborts (referenced: the loop keeps only weak ones)
 _GRACE_S = 2.0  # a holder sends for the puller's timeout plus this, then gives up
 _INLINE_BYTES = 8 << 10  # payloads up to this ride in the reply header
 # Tag bases of this process's pulls: never reused, so a late reply matches nothing.
@@ -92,6 +99,12 @@ def start_ucx():
     """The ucxx module with this process's UCX context started (blocking mode: see ucx_progress)."""
     # ucxx sets UCX_MEMTYPE_CACHE for old UCX releases; current ones warn about it at every start.
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    # Not CMA: with endpoint error handling off (what keeps shared memory usable at all: UCX
+    # offers no shm transport with peer error handling), a CMA read from a peer that died
+    # mid-transfer is ucs_fatal, and a dead holder would abort its puller. Rendezvous over
+    # sysv/posix shared memory instead is as fast here (perf/RESULTS.md) and a dead peer's
+    # transfer merely stalls until the pull's deadline. An operator's own UCX_TLS wins.
+    os.environ.setdefault("UCX_TLS", "^cma")
     try:
         import ucxx
     except ImportError as e:
@@ -104,6 +117,8 @@ def start_ucx():
     except Exception as e:  # noqa: BLE001 - UCXError and friends: no usable transport
         raise UcxUnavailable(f"UCX did not start: {type(e).__name__}: {e}; {INSTALL_HINT}") from None
     global _ucxx, _Array, _Tag, _TagMaskFull
+    if _ucxx is None:
+        atexit.register(_skip_endpoint_closes_at_exit)  # runs before the finalizers ucxx registered
     from ucxx._lib.arr import Array
     from ucxx.types import Tag, TagMaskFull
 
@@ -210,6 +225,7 @@ class _Peer:
         self.users = 0
         self.condemned = False  # a reply's deadline passed on it: abort once nobody uses it
         self.keep: list = []  # buffers UCX may still read or write until the abort
+        self.closing = False  # _abort began
         self.epoch = next(_epochs)
         self.peer_epoch: int | None = None  # the epoch of the peer's endpoint to us, as last seen
 
@@ -270,8 +286,66 @@ def _release(worker_address: bytes, peer: _Peer) -> None:
 
 
 def _abort(worker_address: bytes, peer: _Peer) -> None:
+    """Drop the endpoint: closed without blocking the loop, then aborted (cancelling its receives).
+
+    ucxx's ``abort()`` alone progresses the worker until the peer acknowledged
+    the close: an event loop stuck for as long as a wedged (alive, busy) peer
+    stays silent. So the close is posted first and awaited on the loop (bounded
+    by ``_CLOSE_WAIT_S``); the abort after it finds nothing to wait for, and
+    cancels the receives still posted, whose buffers ``keep`` held until then.
+    """
     if _peers.get(worker_address) is peer:
         del _peers[worker_address]
+    if peer.closing:
+        return
+    peer.closing = True
+    try:
+        loop = asyncio.get_running_loop()
+        inner = peer.ep._ep
+        closed = inner.close() if inner is not None else None
+    except Exception as e:  # noqa: BLE001 - no loop (interpreter exit), or UCX refused: abort now
+        log.debug("closing an endpoint: %s", e)
+        _finish_abort(peer)
+        return
+    _progress().kick()
+    if closed is None:
+        _finish_abort(peer)
+        return
+    task = loop.create_task(_abort_once_closed(peer, closed))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _abort_once_closed(peer: _Peer, closed) -> None:
+    try:
+        async with asyncio.timeout(_CLOSE_WAIT_S):
+            await _progress().wait([closed])
+    except Exception as e:  # noqa: BLE001 - a failed or late close
+        log.debug("closing an endpoint: %s", type(e).__name__)
+    if closed.completed:
+        _finish_abort(peer)
+    else:
+        # The peer lives but never answers: an abort would block the loop for good. Leave the
+        # endpoint be (its buffers with it) rather than stop this process.
+        log.warning("a UCX peer did not answer an endpoint close in %gs; leaving the endpoint", _CLOSE_WAIT_S)
+
+
+def _skip_endpoint_closes_at_exit() -> None:
+    """At interpreter exit, spare the endpoints ucxx's close: it blocks until each peer answers.
+
+    A peer alive but silent (wedged, or a process with no loop running) would hold
+    this process's exit for good; with error handling off the peers notice nothing
+    either way, and the worker's own teardown releases what the endpoints hold.
+    """
+    from ucxx._lib_async.endpoint import _finalizer
+
+    for fin in list(getattr(weakref.finalize, "_registry", {})):
+        info = fin.peek()
+        if info is not None and info[1] is _finalizer:
+            fin.detach()
+
+
+def _finish_abort(peer: _Peer) -> None:
     try:
         peer.ep.abort()  # cancels the receives and sends still posted on it
     except Exception as e:  # noqa: BLE001
@@ -443,6 +517,8 @@ class UcxBackend(TransferBackend):
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
                 raise
+            if peer is not None:
+                peer.condemned = True  # UCX failed it (the peer reset or died): never reuse it
             raise TransferError(f"ucx pull of {key!r} failed: {type(e).__name__}: {e}") from None
         finally:
             if peer is not None:
