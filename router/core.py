@@ -101,6 +101,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
         self._init_cluster_cache(cluster_cache, cluster_index_bounds)
         self._init_tokenize()
 
+        self.planner.index, self.planner.remote_prefix = self.index, cluster_cache
     # ---- sockets ----------------------------------------------------------------------------
     async def start(self, worker_addr: str, control_addr: str | None = None) -> None:
         self.sock = AsyncSocket("router", worker_addr, bind=True)
@@ -233,7 +234,8 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
         size = self.planner.size(req)
         slo = Slo.of(self.planner.slo, getattr(req, "slo", None))
         max_tokens = req.sampling.get("max_tokens") or 16
-        inputs = PlanInputs(req, size, todo, encoders, prefills, [] if mixed else reg.alive("decode"), slo, max_tokens)
+        inputs = PlanInputs(req, size, todo, encoders, prefills, [] if mixed else reg.alive("decode"), slo, max_tokens,
+                            self.planner.prefix_view(req, size))
         plan = self.policy.plan(self.planner, inputs)
         plan.slo = slo
         old = flight.plan

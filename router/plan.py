@@ -5,7 +5,10 @@ worker, which decode worker, and what that is predicted to cost.
 (``router.cost_model``, corrected by heartbeat timings), counts the request's tokens
 (``router.request_size``), and prices a candidate plan:
 
-    TTFT = max(prefill queue, images ready) + prefill(prompt - cached)    [+ own encode without E]
+    TTFT = max(prefill queue, images ready) + prefill(prompt - cached, on top of cached)
+           [+ a prefix pull when another worker holds more of it] [+ own encode without E]
+    cached = the prompt's leading blocks the worker's prefix cache holds, or another worker's
+             that it would pull through the cluster cache (``router.prefix_price``)
     images ready = per encoder: its queue + its share of the images (largest first, each to
                    the encoder that finishes it first), plus a pull
     TPOT = the decode worker's step with this request added to its batch and context
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from router.cost_model import WorkerCost
+from router.prefix_price import PREFIX_PULL_S, PrefixView
 from router.request_size import PromptSizer, RequestSize, estimate
 
 log = logging.getLogger("epd.router")
@@ -39,6 +43,7 @@ class Plan:
     tpot_s: float = 0.0  # predicted
     wait_s: float = 0.0  # predicted queueing before its work starts (admission)
     cached_images: int = 0
+    cached_tokens: int = 0  # of the prompt, in the prefill worker's prefix cache or pulled to it
     work: dict[str, float] = field(default_factory=dict)  # worker -> predicted seconds of its stage
     started: dict[str, float] = field(default_factory=dict)  # worker -> when it got the stage
     policy: str = ""
@@ -62,7 +67,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"encoders": self.encoders, "prefill": self.prefill, "decode": self.decode,
                 "ttft_s": round(self.ttft_s, 4), "tpot_s": round(self.tpot_s, 5), "wait_s": round(self.wait_s, 4),
-                "prompt_tokens": self.size.prompt_tokens, "cached_images": self.cached_images}
+                "prompt_tokens": self.size.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "cached_images": self.cached_images}
 
 
 @dataclass
@@ -94,6 +100,8 @@ class Planner:
         self.tpot_overhead: dict[str, float] = {}
         self._sizer: PromptSizer | None = None
         self._sizer_dir: str | None = None
+        self.index = None  # the cluster index (``router.cluster_index``), set by the core
+        self.remote_prefix = False  # whether a worker can pull a prefix another one holds
 
     # ---- what workers tell ------------------------------------------------------------------
     def on_ready(self, info) -> None:
@@ -127,6 +135,10 @@ class Planner:
             except Exception as e:  # noqa: BLE001 - a template the router cannot render: estimate
                 log.debug("prompt count failed: %s", e)
         return estimate(req)
+
+    def prefix_view(self, req, size: RequestSize) -> PrefixView:
+        alive = {w.worker_id for w in self.registry.workers.values() if w.alive and w.role != "encode"}
+        return PrefixView(self.index, size, list(req.images), self.remote_prefix, alive)
 
     # ---- what workers hold now ----------------------------------------------------------------
     def queue_s(self, rec, now: float | None = None) -> float:
@@ -186,12 +198,17 @@ class Planner:
         return assignment, ready, work
 
     def price(self, plan: Plan, size: RequestSize, prefill, decode, images_ready: float, own_encode: list[int],
-              max_tokens: int, now: float) -> None:
-        """Fill ``plan``'s predictions for these workers."""
+              max_tokens: int, now: float, prefix: PrefixView | None = None) -> None:
+        """Fill ``plan``'s predictions for these workers (``prefix``: what their caches hold)."""
         cost = self.cost(prefill)
         queue = self.queue_s(prefill, now)
+        local, pulled = prefix.cached(prefill.worker_id, prefill.info.block_size) if prefix else (0, 0)
+        cached = plan.cached_tokens = local + pulled
+        # The runner encodes only the images a computed chunk needs: not those wholly cached.
+        own_encode = [i for i in own_encode if not size.image_offsets
+                      or size.image_offsets[i] + size.image_tokens[i] > cached]
         encode = cost.encode_s(len(own_encode), sum(size.image_tokens[i] for i in own_encode))
-        prefill_s = cost.prefill_s(size.prompt_tokens)
+        prefill_s = cost.prefill_s(size.prompt_tokens - cached, cached) + (PREFIX_PULL_S if pulled else 0.0)
         plan.prefill = prefill.worker_id
         plan.work[prefill.worker_id] = encode + prefill_s
         raw = max(queue, images_ready) + encode + prefill_s

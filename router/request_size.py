@@ -1,13 +1,14 @@
 """A request's size in tokens, counted in the router without torch or transformers.
 
 The router needs it to predict (prefill cost grows with the prompt, encode cost with the
-images) before any worker sees the request. It follows the workers' rule
-(``stages/engine/prompt_ids.py``), rebuilt on the ``tokenizers`` library and ``jinja2``:
+images) and to find the prompt's blocks in the prefix caches (``router.prefix_price``) before
+any worker sees the request. The special-token rule is the workers' own
+(``stages/engine/prompt_ids.py``, torch-free: the router imports that one module of ``stages``),
+called on the ``tokenizers`` library through ``_Tokenizer``; the chat template is rendered with
+``jinja2`` as transformers renders it (trim_blocks, lstrip_blocks, the special tokens as variables):
 
-- chat: the model's chat template renders the messages (as transformers renders them:
-  trim_blocks, lstrip_blocks, the special tokens as variables); the text is tokenized with
-  the tokenizer's special tokens unless it already begins with the bos token;
-- completion text: tokenized with the special tokens; completion ids: counted as given;
+- chat: the rendered text, with the special tokens unless it begins with the bos token;
+- completion text: with the special tokens; completion ids: counted as given;
 - each image placeholder becomes the image's tokens, from the family's arithmetic on the
   image's size (read from its header; never decoded): LLaVA a fixed
   ``(image_size / patch_size) ** 2`` (+1 with the CLS feature), Qwen2.5-VL the resized grid
@@ -27,6 +28,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.engine.prompt_ids import chat_text_ids, completion_ids
+
 log = logging.getLogger("epd.router")
 
 
@@ -35,6 +38,10 @@ class RequestSize:
     prompt_tokens: int  # the whole prompt, images expanded
     image_tokens: list[int] = field(default_factory=list)  # per image, in order
     exact: bool = True  # False: an estimate (no tokenizer could be loaded)
+    # The prompt's ids with each image's placeholder run expanded, and where each run starts: what
+    # the workers hash into prefix-cache blocks. None for an estimate.
+    token_ids: list[int] | None = None
+    image_offsets: list[int] = field(default_factory=list)
 
 
 def _json(path: Path) -> dict:
@@ -95,6 +102,16 @@ class ImageTokens:
         return (h // self.patch) * (w // self.patch) // self.merge ** 2
 
 
+class _Tokenizer:
+    """The two things ``prompt_ids``' rule asks of a transformers tokenizer, over ``tokenizers``."""
+
+    def __init__(self, tokenizer, bos_token: str | None):
+        self._tokenizer, self.bos_token = tokenizer, bos_token
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
 class PromptSizer:
     """Counts a request's prompt tokens the way the workers will (see the module docstring)."""
 
@@ -118,7 +135,7 @@ class PromptSizer:
             return v.get("content") if isinstance(v, dict) else v
 
         self.specials = {k: special(v) for k, v in tcfg.items() if k.endswith("_token") and special(v)}
-        self.bos = self.specials.get("bos_token")
+        self.rule_tokenizer = _Tokenizer(self.tokenizer, self.specials.get("bos_token"))
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 
         def raise_exception(message):
@@ -143,18 +160,27 @@ class PromptSizer:
                 raise ValueError("the model has no chat template")
             text = self.template.render(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
                                         **self.specials)
-            wrote_bos = bool(self.bos) and text.startswith(self.bos)
-            return self.tokenizer.encode(text, add_special_tokens=not wrote_bos).ids
-        return self.tokenizer.encode(req.prompt or "", add_special_tokens=True).ids
+            return chat_text_ids(self.rule_tokenizer, text)
+        return completion_ids(self.rule_tokenizer, req.prompt or "")
 
     def count(self, req) -> RequestSize:
         ids = self.text_ids(req)
         if not req.images:
-            return RequestSize(len(ids))
+            return RequestSize(len(ids), token_ids=ids)
         exact = self.images is not None
         per_image = [self.images.count(b) if exact else 576 for b in req.images]
-        placeholders = ids.count(self.placeholder) if self.placeholder is not None else len(req.images)
-        return RequestSize(len(ids) - placeholders + sum(per_image), per_image, exact)
+        if not exact or self.placeholder is None or ids.count(self.placeholder) != len(per_image):
+            # The worker will refuse or estimate this prompt: count it, hash nothing.
+            placeholders = ids.count(self.placeholder) if self.placeholder is not None else len(req.images)
+            return RequestSize(len(ids) - placeholders + sum(per_image), per_image, exact)
+        expanded, offsets, it = [], [], iter(per_image)
+        for t in ids:  # as the engine's InputProcessor.process expands them
+            if t == self.placeholder:
+                offsets.append(len(expanded))
+                expanded.extend([t] * next(it))
+            else:
+                expanded.append(t)
+        return RequestSize(len(expanded), per_image, exact, expanded, offsets)
 
 
 def estimate(req) -> RequestSize:

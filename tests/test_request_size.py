@@ -47,12 +47,32 @@ def test_qwen_resize_bounds():
     assert h * w >= 56 * 56
 
 
+# The one module of ``stages`` the router may load (the workers' prompt rule), with its packages.
+ROUTER_STAGES_MODULES = {"stages", "stages.engine", "stages.engine.prompt_ids", "stages.engine.config",
+                         "stages.engine.outputs", "stages.engine.sampling_params"}
+
+
 def test_counting_loads_no_torch(llava_dir):
     import subprocess
     import sys
 
     code = ("import sys, router.server; from router.request_size import PromptSizer; "
-            f"PromptSizer({llava_dir!r}); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'stages')]; "
-            "assert not bad, bad")
+            f"PromptSizer({llava_dir!r}).count(__import__('router.backend').backend.ApiRequest("
+            "'r', 'm', 'chat', [{'role': 'user', 'content': 'hi'}], None, None, [], {}, False)); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
+            f"bad += [m for m in sys.modules if m.split('.')[0] == 'stages' and m not in {ROUTER_STAGES_MODULES!r}]; "
+            "assert not bad, bad; assert 'stages.engine.prompt_ids' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_router_counts_with_the_workers_rule(llava_dir):
+    """One rule: the router's ids are what ``prompt_ids`` gives on transformers' tokenizer."""
+    from transformers import AutoTokenizer
+
+    from stages.engine.prompt_ids import chat_text_ids, completion_ids
+
+    sizer, hf = PromptSizer(llava_dir), AutoTokenizer.from_pretrained(llava_dir)
+    assert sizer.text_ids(_req(prompt="Once upon a time")) == completion_ids(hf, "Once upon a time")
+    msgs = [{"role": "user", "content": "Hello there"}]
+    text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert sizer.text_ids(_req(messages=msgs)) == chat_text_ids(hf, text)

@@ -36,15 +36,15 @@ SLOW = {"step": {"base": 0.1, "new_tokens": 1e-3, "decode_seqs": 0.05}, "encode"
 
 
 class Worker:
-    def __init__(self, addr: str, worker_id: str, role: str, cost: dict):
-        self.addr, self.worker_id, self.role, self.cost = addr, worker_id, role, cost
+    def __init__(self, addr: str, worker_id: str, role: str, cost: dict, model: str = "m"):
+        self.addr, self.worker_id, self.role, self.cost, self.model = addr, worker_id, role, cost, model
         self.got: list = []  # every work message received, in order
 
     async def start(self) -> "Worker":
         self.incarnation = uuid.uuid4().hex
         self.sock = AsyncSocket("dealer", self.addr, bind=False, identity=self.worker_id.encode())
         await self.sock.send(m.WorkerReady(m.WorkerInfo(
-            self.worker_id, self.incarnation, self.role, "m", "cpu", 4096, 64, 16, True,
+            self.worker_id, self.incarnation, self.role, self.model, "cpu", 4096, 64, 16, True,
             {"zmq": f"tcp://x/{self.worker_id}"}, 1, self.cost)))
         self.tasks = [asyncio.create_task(self._beat()), asyncio.create_task(self._recv())]
         return self
@@ -93,11 +93,12 @@ def _chat(rid: str, images: list[bytes], **kw) -> ApiRequest:
                       {"max_tokens": 4}, True, **kw)
 
 
-async def _deployment(roles: dict[str, list[tuple[str, dict]]], **kw):
+async def _deployment(roles: dict[str, list[tuple[str, dict]]], model: str = "m", **kw):
     addr = free_tcp_address()
     core = RouterCore(["m"], **kw)
     await core.start(addr)
-    workers = {wid: await Worker(addr, wid, role, cost).start() for role, ws in roles.items() for wid, cost in ws}
+    workers = {wid: await Worker(addr, wid, role, cost, model).start() for role, ws in roles.items()
+               for wid, cost in ws}
     await _until(lambda: len(core.registry.workers) == len(workers))
     return core, workers
 
