@@ -16,6 +16,7 @@ from typing import Iterable
 
 import torch
 
+from stages.attention.vision import use_varlen_attention
 from stages.models.base import ImageSupport, VisionLanguageModel, copy_named_weights, load_image_processor
 from stages.models.llama import DecoderLM
 
@@ -68,6 +69,8 @@ class Qwen25VLLM(VisionLanguageModel):
         vc = hf_config.vision_config
         vc._attn_implementation = "sdpa"
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vc, torch_dtype=torch.get_default_dtype())
+        # transformers' sdpa path loops over windows; on CUDA ours runs a layer's segments at once
+        use_varlen_attention(self.visual)
         self.language_model = DecoderLM(hf_config.text_config, "qwen2_5_vl", backend,
                                         tie=getattr(hf_config, "tie_word_embeddings", False))
         self._adopt_geometry()
