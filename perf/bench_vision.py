@@ -47,7 +47,8 @@ def build_tower(model_dir: str, dtype: torch.dtype):
     return tower.eval()
 
 
-def bench_tower(model_dir: str, dtype: torch.dtype, sizes: list[int], count: int, reps: int) -> list[dict]:
+def bench_tower(model_dir: str, dtype: torch.dtype, sizes: list[int], count: int, reps: int,
+                profile: str = "") -> list[dict]:
     tower = build_tower(model_dir, dtype)
     patch, merge, tp = tower.config.patch_size, tower.spatial_merge_size, tower.config.temporal_patch_size
     rows = []
@@ -70,11 +71,31 @@ def bench_tower(model_dir: str, dtype: torch.dtype, sizes: list[int], count: int
             print(f"tower {count} x {px}px [{impl:9s}]: {s:.4f} s ({count / s:6.1f} images/s; "
                   f"min {min(times):.4f} max {max(times):.4f}), rel. diff vs transformers "
                   f"{row['rel_err_vs_reference']:.2e}", flush=True)
+    if profile:
+        try:
+            profile_tower(tower, pixels, grid, profile)
+        except Exception as e:  # the timings above are kept
+            print(f"profile failed: {e!r}", flush=True)
     vision.use_varlen_attention(tower, "auto")
     del tower
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+def profile_tower(tower, pixels, grid, impl: str, top: int = 12) -> None:
+    """Per-kernel GPU time of one forward of the last (largest) batch with ``impl``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vision.use_varlen_attention(tower, impl)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tower(pixels, grid_thw=grid)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    print(f"profile [{impl}]: {total / 1e3:.1f} ms of kernels in one forward", flush=True)
+    for e in events[:top]:
+        print(f"    {e.device_time_total / 1e3:8.2f} ms  x{e.count:6d}  {e.key[:100]}", flush=True)
 
 
 def noise_images(n: int, px: int, seed: int):
@@ -130,13 +151,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--e2e-impls", default="reference,sdpa", help="end-to-end runs ('' to skip)")
+    p.add_argument("--profile", default="sdpa", help="impl to profile per kernel on the largest size ('' to skip)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     result = {"model": args.model, "dtype": args.dtype, "device": torch.cuda.get_device_name(),
               "torch": torch.__version__}
     result["tower"] = bench_tower(args.model, dtype, [int(x) for x in args.sizes.split(",")], args.images,
-                                  args.reps)
+                                  args.reps, args.profile)
     write(result, args.out)
     result["end_to_end"] = []
     for impl in filter(None, args.e2e_impls.split(",")):

@@ -4,8 +4,8 @@
 - steps (prefill, decode, mixed roles): prompts of a few lengths (the new-token and quadratic
   attention terms), one on top of a cached prefix (what cached tokens still cost), and decode
   batches of a few sizes and contexts;
-- encodes (encode, prefill, mixed: a prefill worker encodes when no encoder is left): one and
-  two images of a few sizes.
+- encodes (encode, mixed, and prefill once it holds its vision tower: a prefill worker encodes
+  when no encoder is left): one and two images of a few sizes.
 
 It runs before the worker registers and leaves no trace: its blocks leave the prefix cache,
 its images the encoder cache, its counts the counters. The fit is cached on disk under
@@ -162,9 +162,13 @@ def _clean(engine) -> None:
 
 def profile(engine, role: str, use_cache: bool = True) -> dict:
     """The worker's cost model for ``WorkerInfo.cost_model`` (measured, or from the disk cache)."""
+    # A prefill worker builds its vision tower on the first image it must encode itself
+    # (stages/engine/roles.py): profiling an encode would build it at start-up for nothing,
+    # so its encodes are priced by the router's default model and corrected from their timings.
+    has_vision = "vision" in engine.runner.model.parts
     kinds = tuple(k for k, roles in (("step", ("prefill", "decode", "mixed")),
                                      ("encode", ("encode", "prefill", "mixed")))
-                  if role in roles and (k != "encode" or engine.inputs.images is not None))
+                  if role in roles and (k != "encode" or (engine.inputs.images is not None and has_vision)))
     path = cache_dir() / f"{_key(engine, kinds)}.json"
     model: dict | None = None
     if use_cache and path.exists():

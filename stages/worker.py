@@ -85,7 +85,7 @@ class StageWorker(PeerCacheMixin):
                            block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
                            kv_cache_memory_gb=a.kv_cache_memory_gb, max_model_len=a.max_model_len,
                            max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                           enable_prefix_caching=not a.no_prefix_caching)
+                           enable_prefix_caching=not a.no_prefix_caching, role=a.role)
         self.engine = LLMEngine(cfg)
         cost_model = profiler.profile(self.engine, self.role, use_cache=not a.no_profile_cache)
         self.encode_timings: deque[list[float]] = deque(maxlen=m.MAX_TIMINGS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+ROLES = ("encode", "prefill", "decode", "mixed")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -28,6 +30,9 @@ class EngineConfig:
     # Capture pure-decode steps in CUDA graphs (per batch-size bucket, at start-up) where the
     # backend supports it.
     cuda_graphs: bool = True
+    # The stage this engine serves; it decides which weights and whether a KV pool are built
+    # (stages/engine/roles.py). "mixed" builds everything.
+    role: str = "mixed"
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -42,6 +47,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gb must be > 0")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

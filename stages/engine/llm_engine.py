@@ -58,13 +58,8 @@ class LLMEngine:
         support = cls.image_support(config.model, self.hf_config) if cls.is_multimodal else None
         self.inputs = InputProcessor(self.tokenizer, support, config.max_images_per_prompt)
         self.runner = ModelRunner(config, self.hf_config, self.device, self.dtype)
+        self.max_model_len = self.context_len()
         text_cfg = getattr(self.hf_config, "text_config", None) or self.hf_config
-        model_len = config.max_model_len or text_cfg.max_position_embeddings
-        pool_tokens = self.runner.num_blocks * config.block_size
-        if pool_tokens < model_len:
-            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", pool_tokens, model_len)
-            model_len = pool_tokens
-        self.max_model_len = model_len
         self.vocab_size = text_cfg.vocab_size
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
@@ -77,6 +72,27 @@ class LLMEngine:
         self.idle = False  # the last step scheduled nothing (e.g. every block parked for a handoff)
         # (step features, seconds) of recent steps: the worker's cost profile and its heartbeats read them.
         self.step_samples: deque[tuple[tuple[float, ...], float]] = deque(maxlen=256)
+
+    def context_len(self) -> int:
+        """The longest sequence: the model's, or less if the KV pool holds fewer tokens (an
+        encode worker has no pool and runs no sequence: the model's)."""
+        text_cfg = getattr(self.hf_config, "text_config", None) or self.hf_config
+        model_len = self.config.max_model_len or text_cfg.max_position_embeddings
+        pool_tokens = self.runner.num_blocks * self.config.block_size
+        if self.runner.num_blocks and pool_tokens < model_len:
+            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", pool_tokens, model_len)
+            model_len = pool_tokens
+        return model_len
+
+    def switch_role(self, role: str) -> dict:
+        """Hold what ``role`` needs and free the rest, in place (same files or same random weights):
+        model parts built or dropped, the KV pool allocated or freed. Call it from the engine
+        thread with no request running; a switch to encode also needs no prefilled request
+        waiting for its decode worker. Returns the new memory: parts, weights_bytes, kv_bytes,
+        num_blocks, role, switch_s."""
+        from stages.engine.roles import switch_role
+
+        return switch_role(self, role)
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()

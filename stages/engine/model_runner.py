@@ -8,6 +8,8 @@ the logits of the rows that sample.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -17,32 +19,72 @@ from stages.engine.config import EngineConfig
 from stages.engine.decode_graphs import DecodeGraphs
 from stages.engine.scheduler import ScheduledSeq
 from stages.engine.sequence import ImageItem, Sequence
-from stages.models.loader import build_model
+from stages.engine.roles import needs_kv, role_parts
+from stages.models.loader import add_part, build_model
 from transfer.content_cache import ContentCache
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
+    """The model's parts and the KV pool follow the engine's role (``stages/engine/roles.py``):
+    an encode runner has no pool (``num_blocks`` 0, ``kv_caches`` empty); a runner without the
+    vision part builds it on the first image it must encode itself."""
+
     def __init__(self, config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype):
-        self.config, self.device, self.dtype = config, device, dtype
+        self.config, self.hf_config, self.device, self.dtype = config, hf_config, device, dtype
         self.model = build_model(config.model, device, dtype, config.load_format, hf_config,
-                                 attention_backend=config.attention_backend)
+                                 attention_backend=config.attention_backend, parts=role_parts(config.role))
         self.backend = self.model.attention_backend
         self.block_size = config.block_size
-        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb)
-        m = self.model
-        shape = (self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(m.num_layers)]
         self.encoder_cache = ContentCache(config.encoder_cache_mb << 20)
         self.num_images_encoded = 0
-        self.graphs = None
-        max_len = getattr(getattr(hf_config, "text_config", None) or hf_config, "max_position_embeddings", 0)
+        self._ids_staging, self._pos_staging = PinnedStaging(torch.long), PinnedStaging(torch.long)
+        self.num_blocks, self.kv_caches, self.graphs, self.block_tables = 0, [], None, None
+        if needs_kv(config.role):
+            self.allocate_kv()
+
+    def allocate_kv(self) -> None:
+        """Allocate the KV pool (an explicit block count wins over the memory budget)."""
+        config, m = self.config, self.model
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_memory_gb)
+        shape = (self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(m.num_layers)]
+        text_cfg = getattr(self.hf_config, "text_config", None) or self.hf_config
+        max_len = getattr(text_cfg, "max_position_embeddings", 0)
         max_blocks = min(self.num_blocks, -(-(config.max_model_len or max_len or 1 << 20) // self.block_size))
         self.block_tables = PersistentBlockTables(config.max_num_seqs, max_blocks)
-        self._ids_staging, self._pos_staging = PinnedStaging(torch.long), PinnedStaging(torch.long)
-        if config.cuda_graphs and device.type == "cuda" and self.backend.supports_cuda_graphs:
-            self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, device, config.max_num_seqs,
+        if config.cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, self.device, config.max_num_seqs,
                                        max_blocks, self.block_size)
+
+    def free_kv(self) -> None:
+        self.num_blocks, self.kv_caches, self.graphs, self.block_tables = 0, [], None, None
+
+    def set_parts(self, parts) -> None:
+        """Hold exactly ``parts``: free the others first (lower peak), then build the missing."""
+        for part in self.model.parts - set(parts):
+            self.model.drop_part(part)
+        for part in parts:
+            add_part(self.model, part)
+
+    def ensure_vision(self) -> None:
+        if "vision" not in self.model.parts:
+            log.info("building the vision tower: this worker must encode an image itself")
+            with torch.inference_mode(False):  # called from inside a step: the weights must be ordinary tensors
+                add_part(self.model, "vision")
+
+    def memory(self) -> dict:
+        """Bytes of the weights held (a tied tensor counted once) and of the KV pool."""
+        seen, weights = set(), 0
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                weights += t.numel() * t.element_size()
+        kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv_caches)
+        return {"parts": sorted(self.model.parts), "weights_bytes": weights, "kv_bytes": kv,
+                "num_blocks": self.num_blocks}
 
     def _blocks_for_budget(self, gb: float) -> int:
         m = self.model
@@ -61,6 +103,7 @@ class ModelRunner:
     @torch.inference_mode()
     def encode(self, images: list[ImageItem]) -> list[torch.Tensor]:
         """Run the vision encoder on ``images`` and cache the results by content hash."""
+        self.ensure_vision()
         embs = self.model.encode_images([img.inputs for img in images])
         for img, emb in zip(images, embs):
             if emb.shape[0] != img.length:

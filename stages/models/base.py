@@ -18,12 +18,35 @@ from stages.attention.backend import AttentionMetadata
 
 
 class EngineModel(nn.Module):
-    """Base for every model family the engine serves."""
+    """Base for every model family the engine serves.
 
+    A model is made of named parts (``PARTS``): "language" (the decoder: embeddings, layers,
+    head) and, for vision-language families, "vision" (the vision tower and its projector).
+    A worker builds only the parts its role needs (``stages/engine/roles.py``); a part absent
+    has no module, hence no parameter and no memory. ``build_part`` adds one later, under the
+    caller's device and default dtype; ``drop_part`` frees one.
+    """
+
+    PARTS: tuple[str, ...] = ("language",)
     #: multimodal input processor class, or None for text-only families
     is_multimodal: bool = False
     #: positions are [3, T] (M-RoPE) instead of [T]
     uses_mrope: bool = False
+
+    def part_of(self, name: str) -> str:
+        """The part a parameter (or submodule) name belongs to."""
+        return "language"
+
+    @property
+    def parts(self) -> frozenset[str]:
+        """The parts built now."""
+        return frozenset(self.PARTS)
+
+    def build_part(self, part: str) -> None:
+        raise ValueError(f"{type(self).__name__} cannot add part {part!r}")
+
+    def drop_part(self, part: str) -> None:
+        raise ValueError(f"{type(self).__name__} cannot drop part {part!r}")
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -38,9 +61,20 @@ class EngineModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors in; raises on a missing or unexpected name."""
+    def checkpoint_name(self, key: str) -> str | None:
+        """The parameter a checkpoint tensor fills, or None to drop it."""
         raise NotImplementedError
+
+    def skip_param(self, name: str) -> bool:
+        """Parameters or buffers no checkpoint fills (rotary tables, tied heads)."""
+        return False
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], parts=None) -> None:
+        """Copy checkpoint tensors into the parts ``parts`` (default: all built); raises on a
+        missing or unexpected name. Tensors of other parts must not be in ``weights``."""
+        parts = self.parts if parts is None else frozenset(parts)
+        copy_named_weights(self, weights, self.checkpoint_name,
+                           skip=lambda n: self.skip_param(n) or self.part_of(n) not in parts)
 
     # KV cache geometry, read by the runner to allocate the cache.
     num_layers: int
@@ -51,21 +85,67 @@ class EngineModel(nn.Module):
 class VisionLanguageModel(EngineModel):
     """A vision tower + projector in front of ``self.language_model`` (a DecoderLM).
 
-    Subclasses build the vision side and set ``language_model``; the text path
-    and the KV geometry are the decoder's.
+    Subclasses build the vision side in ``_build_vision`` (its modules named in
+    ``VISION_MODULES``) and the decoder in ``_build_language``; the text path and the KV
+    geometry are the decoder's. The geometry comes from the config, so a model without its
+    language part (an encode worker) still knows it.
     """
 
+    PARTS = ("vision", "language")
+    VISION_MODULES: tuple[str, ...] = ()
     is_multimodal = True
     language_model: EngineModel
 
-    def _adopt_geometry(self) -> None:
-        lm = self.language_model
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+    def __init__(self, hf_config, backend, parts=PARTS):
+        super().__init__()
+        self.hf_config, self.backend = hf_config, backend
+        for part in self.PARTS:
+            if part in parts:
+                self.build_part(part)
+
+    def _set_geometry(self, spec) -> None:
+        self.num_layers, self.num_kv_heads, self.head_dim = spec.layers, spec.kv_heads, spec.head_dim
+
+    def part_of(self, name):
+        return "language" if name.split(".", 1)[0] == "language_model" else "vision"
+
+    @property
+    def parts(self):
+        names = set(self._modules)
+        return frozenset(p for p, mods in (("vision", self.VISION_MODULES), ("language", ("language_model",)))
+                         if all(m in names for m in mods))
+
+    def build_part(self, part):
+        if part in self.parts:
+            return
+        if part == "vision":
+            self._build_vision()
+        elif part == "language":
+            self._build_language()
+        else:
+            raise ValueError(f"unknown part {part!r}")
+
+    def drop_part(self, part):
+        for name in self.VISION_MODULES if part == "vision" else ("language_model",):
+            if name in self._modules:
+                delattr(self, name)
+
+    def _build_vision(self) -> None:
+        raise NotImplementedError
+
+    def _build_language(self) -> None:
+        raise NotImplementedError
+
+    def _need(self, part: str) -> None:
+        if part not in self.parts:
+            raise RuntimeError(f"this worker holds no {part} weights (its role does not need them)")
 
     def embed_tokens(self, input_ids):
+        self._need("language")
         return self.language_model.embed_tokens(input_ids)
 
     def forward(self, positions, meta, kv_caches, input_ids=None, inputs_embeds=None):
+        self._need("language")
         return self.language_model(positions, meta, kv_caches, input_ids, inputs_embeds)
 
     def compute_logits(self, hidden):

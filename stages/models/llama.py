@@ -8,8 +8,6 @@ by name.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -177,13 +175,12 @@ class DecoderLM(EngineModel):
     def compute_logits(self, hidden):
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        def rename(name: str) -> str | None:
-            if "rotary_emb.inv_freq" in name:
-                return None
-            if self.spec.tie and name == "lm_head.weight":
-                return None  # tied: the embedding is the head
-            return name
+    def checkpoint_name(self, key: str) -> str | None:
+        if "rotary_emb.inv_freq" in key:
+            return None
+        if self.spec.tie and key == "lm_head.weight":
+            return None  # tied: the embedding is the head
+        return key
 
-        copy_named_weights(self, weights, rename,
-                           skip=lambda n: n.startswith("model.rotary.") or (self.spec.tie and n == "lm_head.weight"))
+    def skip_param(self, name: str) -> bool:
+        return name.startswith("model.rotary.") or (self.spec.tie and name == "lm_head.weight")

@@ -9,13 +9,11 @@ the original hub layout (``language_model.model.*``,
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
-from stages.models.base import ImageSupport, VisionLanguageModel, copy_named_weights, load_image_processor
-from stages.models.llama import DecoderLM
+from stages.models.base import ImageSupport, VisionLanguageModel, load_image_processor
+from stages.models.llama import DecoderLM, DecoderSpec
 
 
 class LlavaImages(ImageSupport):
@@ -45,31 +43,39 @@ class Projector(nn.Module):
 
 
 class LlavaLM(VisionLanguageModel):
-    def __init__(self, hf_config, backend):
-        super().__init__()
-        from transformers import CLIPVisionModel
+    VISION_MODULES = ("vision_tower", "multi_modal_projector")
 
-        self.hf_config = hf_config
+    def __init__(self, hf_config, backend, parts=VisionLanguageModel.PARTS):
         self.feature_layer = hf_config.vision_feature_layer
         if not isinstance(self.feature_layer, int):
             raise ValueError("LLaVA with several vision feature layers is not supported")
         self.strategy = hf_config.vision_feature_select_strategy
+        text_cfg = hf_config.text_config
+        self.spec = DecoderSpec(text_cfg, text_cfg.model_type, getattr(hf_config, "tie_word_embeddings", False))
+        super().__init__(hf_config, backend, parts)
+        self._set_geometry(self.spec)
+
+    def _build_vision(self):
+        from transformers import CLIPVisionModel
+
+        hf_config = self.hf_config
         vc = hf_config.vision_config
         vc._attn_implementation = "sdpa"
         self.vision_tower = CLIPVisionModel(vc)
         self.multi_modal_projector = Projector(vc.hidden_size, hf_config.text_config.hidden_size,
                                                hf_config.projector_hidden_act,
                                                getattr(hf_config, "multimodal_projector_bias", True))
-        text_cfg = hf_config.text_config
-        self.language_model = DecoderLM(text_cfg, text_cfg.model_type, backend,
-                                        tie=getattr(hf_config, "tie_word_embeddings", False))
-        self._adopt_geometry()
+
+    def _build_language(self):
+        text_cfg = self.hf_config.text_config
+        self.language_model = DecoderLM(text_cfg, text_cfg.model_type, self.backend, tie=self.spec.tie)
 
     @classmethod
     def image_support(cls, model_dir, hf_config) -> ImageSupport:
         return LlavaImages(model_dir, hf_config)
 
     def encode_images(self, inputs: list[dict]) -> list[torch.Tensor]:
+        self._need("vision")
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         device = self.multi_modal_projector.linear_1.weight.device
         pixels = torch.stack([i["pixel_values"] for i in inputs]).to(device=device, dtype=dtype)
@@ -79,24 +85,21 @@ class LlavaLM(VisionLanguageModel):
             feats = feats[:, 1:]  # drop CLS
         return list(self.multi_modal_projector(feats))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        tie = self.language_model.spec.tie
+    def checkpoint_name(self, name: str) -> str | None:
+        if "rotary_emb.inv_freq" in name or name.endswith("position_ids"):
+            return None
+        for old, new in (("model.language_model.", "language_model.model."),
+                         ("model.multi_modal_projector.", "multi_modal_projector."),
+                         ("model.vision_tower.", "vision_tower."),
+                         ("lm_head.", "language_model.lm_head.")):
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if name.startswith("vision_tower.vision_model."):  # transformers 5's CLIP has no wrapper
+            name = "vision_tower." + name[len("vision_tower.vision_model."):]
+        if self.spec.tie and name == "language_model.lm_head.weight":
+            return None
+        return name
 
-        def rename(name: str) -> str | None:
-            if "rotary_emb.inv_freq" in name or name.endswith("position_ids"):
-                return None
-            for old, new in (("model.language_model.", "language_model.model."),
-                             ("model.multi_modal_projector.", "multi_modal_projector."),
-                             ("model.vision_tower.", "vision_tower."),
-                             ("lm_head.", "language_model.lm_head.")):
-                if name.startswith(old):
-                    name = new + name[len(old):]
-                    break
-            if name.startswith("vision_tower.vision_model."):  # transformers 5's CLIP has no wrapper
-                name = "vision_tower." + name[len("vision_tower.vision_model."):]
-            if tie and name == "language_model.lm_head.weight":
-                return None
-            return name
-
-        copy_named_weights(self, weights, rename,
-                           skip=lambda n: ".rotary." in n or n.endswith("position_ids"))
+    def skip_param(self, name: str) -> bool:
+        return ".rotary." in name or name.endswith("position_ids")

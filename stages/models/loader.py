@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from stages.attention.backend import get_attention_backend
 from stages.models.base import EngineModel
+from stages.models.random_weights import tensor_seed
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "llava", "qwen2_5_vl")
 
@@ -58,11 +59,15 @@ def load_hf_config(model_dir: str | Path):
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(model_dir: str | Path, keep=lambda key: True) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors whose key passes ``keep``. The files are memory-mapped
+    (safe_open), so a tensor left out is never read from disk."""
     path = Path(model_dir)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json.loads(index.read_text())["weight_map"]
+        # Only the shards that hold a wanted tensor are opened.
+        files = sorted({f for k, f in weight_map.items() if keep(k)})
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -70,19 +75,24 @@ def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]
     for name in files:
         with safe_open(path / name, framework="pt") as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                if keep(key):
+                    yield key, f.get_tensor(key)
 
 
-def _dummy_weights(model: EngineModel) -> Iterator[tuple[str, torch.Tensor]]:
+def _dummy_weights(model: EngineModel, parts) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights for ``parts``. Each tensor draws from its own generator, seeded by its
+    name: a worker holding only some parts gets the very values a whole-model worker holds
+    (one shared generator would shift every tensor after a part left out)."""
     # Drawn on the model's device: a 7B model's 8.3 G values take ~45 s from the cpu generator.
-    device = next(model.parameters()).device
-    gen = torch.Generator(device).manual_seed(0)
     for name, p in model.named_parameters():
+        if model.part_of(name) not in parts:
+            continue
         owner, _, leaf = name.rpartition(".")
         if "norm" in owner.rpartition(".")[2]:  # norms stay neutral so activations stay sane
             yield name, torch.ones(p.shape) if leaf == "weight" else torch.zeros(p.shape)
         else:
-            yield name, torch.empty(p.shape, device=device, dtype=p.dtype).uniform_(-0.05, 0.05, generator=gen)
+            gen = torch.Generator(p.device).manual_seed(tensor_seed(0, name))
+            yield name, torch.empty(p.shape, device=p.device, dtype=p.dtype).uniform_(-0.05, 0.05, generator=gen)
 
 
 @contextmanager
@@ -96,20 +106,48 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
-                load_format: str = "auto", hf_config=None, attention_backend: str = "auto") -> EngineModel:
-    """Instantiate our implementation of the directory's family and load its weights."""
+                load_format: str = "auto", hf_config=None, attention_backend: str = "auto",
+                parts=None) -> EngineModel:
+    """Instantiate our implementation of the directory's family with the parts ``parts``
+    (default: all) and load their weights."""
     from stages.models.registry import model_class
 
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"unsupported load_format {load_format!r}; choose auto, safetensors or dummy")
     hf_config = hf_config or load_hf_config(model_dir)
     cls = model_class(hf_config.model_type)
+    parts = tuple(p for p in cls.PARTS if parts is None or p in parts)
     backend = get_attention_backend(device, attention_backend, dtype)
     with torch.device(device), _default_dtype(dtype):
-        model = cls(hf_config, backend)
+        model = cls(hf_config, backend, parts=parts)
     model.attention_backend = backend
-    if load_format == "dummy":
-        model.load_weights(_dummy_weights(model))
-    elif load_format in ("auto", "safetensors"):
-        model.load_weights(iter_checkpoint(model_dir))
-    else:
-        raise ValueError(f"unsupported load_format {load_format!r}; choose auto, safetensors or dummy")
+    # What a later ``add_part`` needs to build and fill a part the same way.
+    model.source = (str(model_dir), device, dtype, load_format)
+    _load(model, parts)
     return model.eval()
+
+
+def _load(model: EngineModel, parts) -> None:
+    model_dir, _, _, load_format = model.source
+    parts = frozenset(parts)
+    if load_format == "dummy":
+        model.load_weights(_dummy_weights(model, parts), parts)
+        return
+
+    def keep(key: str) -> bool:
+        target = model.checkpoint_name(key)
+        return target is not None and model.part_of(target) in parts
+
+    model.load_weights(iter_checkpoint(model_dir, keep), parts)
+
+
+def add_part(model: EngineModel, part: str) -> None:
+    """Build ``part`` of a model made by :func:`build_model` and fill it from the same source
+    (the same files, or the same random weights)."""
+    if part in model.parts:
+        return
+    _, device, dtype, _ = model.source
+    with torch.device(device), _default_dtype(dtype):
+        model.build_part(part)
+    _load(model, (part,))
+    model.eval()

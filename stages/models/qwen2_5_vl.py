@@ -12,13 +12,10 @@ Checkpoints load from the hub layout (``model.*``, ``visual.*``,
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
-from stages.attention.vision import use_varlen_attention
-from stages.models.base import ImageSupport, VisionLanguageModel, copy_named_weights, load_image_processor
-from stages.models.llama import DecoderLM
+from stages.models.base import ImageSupport, VisionLanguageModel, load_image_processor
+from stages.models.llama import DecoderLM, DecoderSpec
 
 
 def mrope_positions(token_ids: list[int], images, merge: int) -> tuple[torch.Tensor, int]:
@@ -61,25 +58,29 @@ class QwenImages(ImageSupport):
 
 class Qwen25VLLM(VisionLanguageModel):
     uses_mrope = True
+    VISION_MODULES = ("visual",)
 
-    def __init__(self, hf_config, backend):
-        super().__init__()
+    def __init__(self, hf_config, backend, parts=VisionLanguageModel.PARTS):
+        self.spec = DecoderSpec(hf_config.text_config, "qwen2_5_vl", getattr(hf_config, "tie_word_embeddings", False))
+        super().__init__(hf_config, backend, parts)
+        self._set_geometry(self.spec)
+
+    def _build_vision(self):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-        vc = hf_config.vision_config
+        vc = self.hf_config.vision_config
         vc._attn_implementation = "sdpa"
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vc, torch_dtype=torch.get_default_dtype())
-        # transformers' sdpa path loops over windows; on CUDA ours runs a layer's segments at once
-        use_varlen_attention(self.visual)
-        self.language_model = DecoderLM(hf_config.text_config, "qwen2_5_vl", backend,
-                                        tie=getattr(hf_config, "tie_word_embeddings", False))
-        self._adopt_geometry()
+
+    def _build_language(self):
+        self.language_model = DecoderLM(self.hf_config.text_config, "qwen2_5_vl", self.backend, tie=self.spec.tie)
 
     @classmethod
     def image_support(cls, model_dir, hf_config) -> ImageSupport:
         return QwenImages(model_dir, hf_config)
 
     def encode_images(self, inputs: list[dict]) -> list[torch.Tensor]:
+        self._need("vision")
         p = next(self.visual.parameters())
         pixels = torch.cat([i["pixel_values"] for i in inputs]).to(device=p.device, dtype=p.dtype)
         grid = torch.tensor([i["grid_thw"] for i in inputs], device=p.device)
@@ -88,21 +89,19 @@ class Qwen25VLLM(VisionLanguageModel):
         sizes = (grid.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
         return list(torch.split(merged, sizes))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        tie = self.language_model.spec.tie
+    def checkpoint_name(self, name: str) -> str | None:
+        if "rotary_emb.inv_freq" in name or "rotary_pos_emb.inv_freq" in name:
+            return None
+        for old, new in (("model.language_model.", "language_model.model."),
+                         ("model.visual.", "visual."),
+                         ("lm_head.", "language_model.lm_head."),
+                         ("model.", "language_model.model.")):
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if self.spec.tie and name == "language_model.lm_head.weight":
+            return None
+        return name
 
-        def rename(name: str) -> str | None:
-            if "rotary_emb.inv_freq" in name or "rotary_pos_emb.inv_freq" in name:
-                return None
-            for old, new in (("model.language_model.", "language_model.model."),
-                             ("model.visual.", "visual."),
-                             ("lm_head.", "language_model.lm_head."),
-                             ("model.", "language_model.model.")):
-                if name.startswith(old):
-                    name = new + name[len(old):]
-                    break
-            if tie and name == "language_model.lm_head.weight":
-                return None
-            return name
-
-        copy_named_weights(self, weights, rename, skip=lambda n: ".rotary." in n or "inv_freq" in n)
+    def skip_param(self, name: str) -> bool:
+        return ".rotary." in name or "inv_freq" in name

@@ -6,5 +6,7 @@ from stages.models.llama import DecoderLM
 
 
 class TextLM(DecoderLM):
-    def __init__(self, hf_config, backend):
+    def __init__(self, hf_config, backend, parts=("language",)):
+        if "language" not in parts:
+            raise ValueError("a text-only model has no vision part: its workers prefill, decode or run mixed")
         super().__init__(hf_config, hf_config.model_type, backend)
