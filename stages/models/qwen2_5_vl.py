@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from stages.attention.vision import use_varlen_attention
 from stages.models.base import ImageSupport, VisionLanguageModel, load_image_processor
 from stages.models.llama import DecoderLM, DecoderSpec
 
@@ -71,6 +72,8 @@ class Qwen25VLLM(VisionLanguageModel):
         vc = self.hf_config.vision_config
         vc._attn_implementation = "sdpa"
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vc, torch_dtype=torch.get_default_dtype())
+        # transformers' sdpa path loops over windows; on CUDA ours runs a layer's segments at once
+        use_varlen_attention(self.visual)
 
     def _build_language(self):
         self.language_model = DecoderLM(self.hf_config.text_config, "qwen2_5_vl", self.backend, tie=self.spec.tie)
