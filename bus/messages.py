@@ -44,6 +44,7 @@ class WorkerInfo:
     # The worker's measured costs (``stages.profiler``): "step" and/or "encode" coefficients of
     # ``bus.step_cost``'s features, "token_budget", "max_num_seqs", "kv_capacity_tokens", "source".
     cost_model: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0  # role epoch: +1 per live role switch (``SwitchRole``); older messages are dropped
 
 
 @struct
@@ -127,6 +128,7 @@ class Heartbeat:
     # Timings since the last heartbeat (at most ``MAX_TIMINGS``): [0, *step features, seconds] per
     # engine step, [1, *encode features, seconds] per encode call (``bus.step_cost``).
     timings: list[list[float]] = field(default_factory=list)
+    epoch: int = 0  # the role epoch it was sent in (``WorkerInfo.epoch``)
 
 
 @message(3)
@@ -195,6 +197,7 @@ class KvCacheEvent:
     incarnation: str
     stored: list[str]
     evicted: list[str]
+    epoch: int = 0
 
 
 @message(9)
@@ -205,6 +208,7 @@ class EmbeddingCacheEvent:
     incarnation: str
     stored: list[ImageRef]
     evicted: list[str]
+    epoch: int = 0
 
 
 @message(10)
@@ -322,6 +326,15 @@ class Ping:
     restarted: what the worker ran for the old one is aborted."""
 
     router_id: str
+
+
+@message(28)
+class SwitchRole:
+    """Become ``role`` once nothing of the old role runs here (the router drained it), then
+    announce ``WorkerReady`` with this ``epoch``; the worker keeps its id and incarnation."""
+
+    role: str
+    epoch: int
 
 
 @message(38)

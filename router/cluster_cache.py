@@ -164,7 +164,9 @@ class ClusterCacheMixin:
     async def _on_cache_message(self, wid: str, rec: WorkerRecord | None, msg) -> bool:
         """Take what concerns the cluster cache; True when ``msg`` needs nothing more."""
         if isinstance(msg, (m.KvCacheEvent, m.EmbeddingCacheEvent)):
-            if rec is not None and rec.alive and rec.info.incarnation == msg.incarnation:
+            # Events of another role epoch, or sent while it switches, describe caches it no longer has.
+            if (rec is not None and rec.alive and rec.info.incarnation == msg.incarnation
+                    and rec.info.epoch == msg.epoch and rec.switch != "switching"):
                 if isinstance(msg, m.KvCacheEvent):
                     self.index.kv_event(wid, msg.stored, msg.evicted)
                 else:
@@ -223,7 +225,8 @@ class ClusterCacheMixin:
     async def _prefix_query(self, wid: str, q: m.PrefixQuery) -> None:
         """Point the asker at the worker holding most of its prompt's blocks (via its export)."""
         self.cache_stats["prefix_queries"] += 1
-        alive = {w.worker_id for w in self.registry.workers.values() if w.alive and w.role != "encode"}
+        alive = {w.worker_id for w in self.registry.workers.values()
+                 if w.alive and w.role != "encode" and w.switch == "active"}
         holders, n = self.index.longest_prefix(q.block_hashes, wid, alive)
         if n > q.local_blocks and self.cluster_cache:
             flight, _ = self._flight_of(q.request_id)

@@ -43,6 +43,7 @@ from router.plan import Plan, Planner, Slo
 from router.plan_metrics import PlanMetrics
 from router.policy import DispatchPolicy, PlanInputs, SloAware
 from router.registry import Registry, WorkerRecord
+from router.role_switch import RoleSwitcher
 from router.tokenize_calls import TokenizeMixin
 
 log = logging.getLogger("epd.router")
@@ -70,6 +71,7 @@ class _Flight:
     text_len: int = 0  # characters of the answer the client has been sent
     logprob_sum: float | None = None
     recovering: bool = False
+    handovers: int = 0  # recoveries that were role switches' hand-overs, not failures (no budget)
     plan: Plan | None = None  # chosen at admission by the policy (router.plan)
 
     def __post_init__(self):
@@ -81,7 +83,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
                  expected: dict[str, int] | None = None, heartbeat_timeout: float = 5.0, metrics=None,
                  cluster_cache: bool = True, retry_budget: int = 2, worker_wait_s: float = 60.0,
                  slo: Slo | None = None, max_queue_s: float | None = None, plan_metrics: PlanMetrics | None = None,
-                 cluster_index_bounds: dict[str, int] | None = None):
+                 cluster_index_bounds: dict[str, int] | None = None, switch_drain_s: float = 30.0):
         self.served_models = served_models
         self.policy = policy or SloAware()
         self.expected = expected or {}
@@ -99,9 +101,10 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
         self.max_queue_s = max_queue_s  # admission: 429 when every plan waits longer (None: queue)
         self.plan_metrics = plan_metrics or PlanMetrics()
         self._init_cluster_cache(cluster_cache, cluster_index_bounds)
-        self._init_tokenize()
-
         self.planner.index, self.planner.remote_prefix = self.index, cluster_cache
+        self._init_tokenize()
+        self.switches = RoleSwitcher(self, switch_drain_s)  # live role switches (admin)
+
     # ---- sockets ----------------------------------------------------------------------------
     async def start(self, worker_addr: str, control_addr: str | None = None) -> None:
         self.sock = AsyncSocket("router", worker_addr, bind=True)
@@ -310,7 +313,12 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
 
     async def _on_worker_message(self, wid: str, msg) -> None:
         if isinstance(msg, m.WorkerReady):
+            prev = self.registry.workers.get(wid)
+            old_role = prev.role if prev is not None else None
             rec, old = self.registry.register(msg.info)
+            if rec.info is not msg.info:
+                return  # of a role epoch it has left since
+            self.switches.on_ready(rec, old_role)
             self.planner.on_ready(msg.info)
             if old is not None:
                 self._worker_lost(old, "it restarted")
@@ -476,7 +484,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
                                                                 f"failed: {why}"))
             flight.workers.discard(rec.worker_id)
 
-    async def _recover(self, flight: _Flight, stage: str, why: str) -> None:
+    async def _recover(self, flight: _Flight, stage: str, why: str, budgeted: bool = True) -> None:
         """Run the request again under a new attempt id: from its prompt if the client has seen
         nothing yet, else on a decode-capable worker from prompt + the tokens it was sent."""
         if flight.done or flight.recovering:
@@ -485,10 +493,11 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
         rid = flight.req.request_id
         try:
             await self._abort_attempt(flight)
-            if flight.attempt >= self.retry_budget:
+            if budgeted and flight.attempt - flight.handovers >= self.retry_budget:
                 raise ApiError(503, f"{why}; this request was already moved {flight.attempt} time(s), "
                                     f"its retry budget: giving up", "server_error")
             flight.attempt += 1
+            flight.handovers += not budgeted
             flight.wire_id = f"{rid}@r{flight.attempt}"
             self.recoveries[stage] += 1
             log.warning("request %s: %s; recovery %d from %d streamed token(s)", rid, why, flight.attempt,

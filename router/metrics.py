@@ -128,3 +128,22 @@ class RequestTracker:
         (self._m.waiting if self._state == "waiting" else self._m.running).dec()
         self._state = "closed"
         return True
+
+
+class RoleSwitchMetrics:
+    """Live role switches (``router.role_switch``): how many, between which roles, how long."""
+
+    _BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+    def __init__(self, registry: CollectorRegistry):
+        self.switches = Counter("epd:role_switches", "Live role switches completed, by old and new role.",
+                                ["from", "to"], registry=registry)
+        self.duration = Histogram("epd:role_switch_duration_seconds",
+                                  "From the admin call to the worker's announcement in its new role "
+                                  "(drain, hand-over, reload, re-profile).", ["phase"],
+                                  buckets=self._BUCKETS, registry=registry)
+
+    def done(self, old: str, new: str, drain_s: float, total_s: float) -> None:
+        self.switches.labels(**{"from": old, "to": new}).inc()
+        self.duration.labels(phase="drain").observe(drain_s)
+        self.duration.labels(phase="total").observe(total_s)

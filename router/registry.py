@@ -7,7 +7,10 @@ sign of life. Its state:
     suspect --(any message; a pull report holds it ``suspect_hold_s``)--> alive
     alive / suspect --(silence past ``heartbeat_timeout``, or its connection gone)--> dead
 
-Suspect workers get no new work; dead ones lose everything they held. A worker
+Suspect workers get no new work; dead ones lose everything they held. A live
+role switch (``router.role_switch``) takes a worker through ``draining`` (no new
+work of its old role) and ``switching`` (loading its new role) back to
+``active``; it counts as a worker that may come back for its new role. A worker
 that registers again with a new incarnation is a new peer (it restarted and lost
 all its state); with the same incarnation it is the same peer finding a
 restarted router. A supervisor may declare a worker given up (crash loop).
@@ -38,6 +41,8 @@ class WorkerRecord:
     in_flight: set[str] = field(default_factory=set)  # request ids the router has sent here
     suspect_until: float = 0.0  # a peer reported a failed pull against it: no new work until then
     suspect_why: str = ""
+    switch: str = "active"  # "active", or a role switch under way: "draining", then "switching"
+    switch_to: str | None = None  # the role it is switching to
 
     @property
     def worker_id(self) -> str:
@@ -71,6 +76,8 @@ class Registry:
         old = self.workers.get(info.worker_id)
         now = time.monotonic()
         if old is not None and old.info.incarnation == info.incarnation:
+            if info.epoch < old.info.epoch:  # sent before a role switch it has since announced
+                return old, None
             old.info, old.last_seen, old.alive = info, now, True
             return old, None
         if old is not None:
@@ -103,6 +110,9 @@ class Registry:
         rec = self.workers.get(hb.worker_id)
         if rec is None or rec.info.incarnation != hb.incarnation:
             return None
+        if hb.epoch != rec.info.epoch:  # of another role epoch: its figures describe another role
+            rec.last_seen = time.monotonic()
+            return None
         rec.alive = True  # declared dead while only slow: back, holding nothing of before
         rec.last_seen = time.monotonic()
         rec.running, rec.waiting = hb.running, hb.waiting
@@ -123,15 +133,18 @@ class Registry:
         return dead
 
     def alive(self, role: str) -> list[WorkerRecord]:
-        """Workers of ``role`` that may take new work (neither suspect nor dead)."""
-        now = time.monotonic()
-        return [w for w in self.workers.values() if w.role == role and self.state(w, now) == "alive"]
-
-    def may_return(self, role: str) -> list[WorkerRecord]:
-        """Workers of ``role`` not serving now that may still come back (not given up)."""
+        """Workers of ``role`` that may take new work (neither suspect nor dead nor switching)."""
         now = time.monotonic()
         return [w for w in self.workers.values()
-                if w.role == role and self.state(w, now) != "alive" and w.worker_id not in self.given_up]
+                if w.role == role and w.switch == "active" and self.state(w, now) == "alive"]
+
+    def may_return(self, role: str) -> list[WorkerRecord]:
+        """Workers not serving ``role`` now that may still come back to it (not given up): suspect,
+        dead or restarting ones of that role, and those switching to it."""
+        now = time.monotonic()
+        return [w for w in self.workers.values()
+                if (w.switch_to or w.role) == role and w.worker_id not in self.given_up
+                and (w.switch != "active" or self.state(w, now) != "alive")]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

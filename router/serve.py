@@ -62,7 +62,7 @@ DEFAULT_CONFIG = ROOT / "configs" / "1e1p1d.yaml"
 API_FLAGS = {"max_body_mb": "--max-body-mb", "max_images": "--max-images", "max_image_pixels": "--max-image-pixels",
              "remote_images": "--remote-images", "allowed_domains": "--allowed-domains",
              "heartbeat_timeout": "--heartbeat-timeout", "retry_budget": "--retry-budget",
-             "worker_wait_s": "--worker-wait"}
+             "worker_wait_s": "--worker-wait", "switch_drain_s": "--switch-drain-s"}
 ENGINE_FLAGS = {"dtype": "--dtype", "device": "--device", "kv_cache_memory_gb": "--kv-cache-memory-gb",
                 "num_kv_blocks": "--num-kv-blocks", "max_num_seqs": "--max-num-seqs", "block_size": "--block-size",
                 "max_num_batched_tokens": "--max-num-batched-tokens", "max_model_len": "--max-model-len",

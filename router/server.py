@@ -16,7 +16,7 @@ from router.client_front import ClientFront
 from router.cluster_index import MAX_ALIASES, MAX_EMBEDDING_ENTRIES, MAX_KV_ENTRIES
 from router.core import RouterCore
 from router.limits import ApiLimits
-from router.metrics import ApiMetrics
+from router.metrics import ApiMetrics, RoleSwitchMetrics
 from router.plan import Slo
 from router.plan_metrics import PlanMetrics
 from router.policy import POLICIES, make_policy
@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "with the next router on this address)")
     ap.add_argument("--worker-wait", type=float, default=60.0,
                     help="seconds a request waits for a worker of a role none is left of to come back")
+    ap.add_argument("--switch-drain-s", type=float, default=30.0,
+                    help="a live role switch lets the worker's running requests finish this long, then hands "
+                         "what is left to other workers")
     ap.add_argument("--max-body-mb", type=float, default=32, help="largest request body, MiB")
     ap.add_argument("--max-images", type=int, default=8, help="images per request")
     ap.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
@@ -115,7 +118,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                       max_queue_s=args.max_queue_s, plan_metrics=PlanMetrics(api_metrics.registry),
                       cluster_index_bounds={"max_kv_entries": args.cluster_index_max_kv,
                                             "max_embedding_entries": args.cluster_index_max_embeddings,
-                                            "max_aliases": args.cluster_index_max_aliases})
+                                            "max_aliases": args.cluster_index_max_aliases},
+                      switch_drain_s=args.switch_drain_s)
+    core.switches.metrics = RoleSwitchMetrics(api_metrics.registry)
     await core.start(args.worker_addr, args.control_addr)
     front = ClientFront(core, limits)
     await front.start(args.client_addr)

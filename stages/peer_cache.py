@@ -31,9 +31,9 @@ class PeerCacheMixin:
 
     async def _cache_events(self) -> None:
         """Tell the router's cluster index what this worker's caches gained and lost."""
-        events = self.engine.blocks.events
         while True:
             await asyncio.sleep(CACHE_EVENTS_S)
+            events = self.engine.blocks.events  # a role switch may replace it (or turn it off)
             if events:
                 stored, evicted = [], []
                 while events:
@@ -45,12 +45,12 @@ class PeerCacheMixin:
                         stored.remove(hx)
                     else:
                         evicted.append(hx)
-                await self.sock.send(m.KvCacheEvent(self.worker_id, self.incarnation, stored, evicted))
+                await self.sock.send(m.KvCacheEvent(self.worker_id, self.incarnation, stored, evicted, self.epoch))
             if self.embed_events:
                 batch, self.embed_events = self.embed_events, []
                 await self.sock.send(m.EmbeddingCacheEvent(
                     self.worker_id, self.incarnation, [x for ok, x in batch if ok],
-                    [x for ok, x in batch if not ok]))
+                    [x for ok, x in batch if not ok], self.epoch))
 
     async def _request_images(self, msg: m.GenerateRequest) -> list:
         """The request's images: pulled embeddings where refs came, raw bytes otherwise.

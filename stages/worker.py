@@ -3,8 +3,8 @@
 The worker connects a DEALER to the router, announces itself (WorkerReady:
 role, KV geometry, transfer addresses, an incarnation id), heartbeats its
 load, and serves what the router sends. The engine runs in its own thread;
-this asyncio loop only moves messages and bytes. Every role loads the full
-model, so a later role switch needs no reload.
+this asyncio loop only moves messages and bytes. A live role switch
+(``SwitchRole``) is run by ``stages.role_switch``, mixed in.
 
 The router pings twice a second. A worker that hears nothing from it for
 ``ROUTER_SILENT_S`` reconnects and registers again (same incarnation), with a
@@ -44,9 +44,9 @@ from stages.engine.llm_engine import LLMEngine
 from stages.engine.outputs import RequestOutput
 from stages.engine_thread import EngineThread
 from stages.peer_cache import PeerCacheMixin
+from stages.role_switch import RoleSwitchMixin
 from stages.wire import handoff_header, output_to_delta
 from transfer.base import KeyNotFound, TransferError
-from transfer.content_cache import ContentCache
 from transfer.hash_keys import handoff_key
 from transfer.select import make_backend
 
@@ -59,12 +59,13 @@ DRAIN_S = 3.0  # SIGTERM: running requests may finish this long
 EXIT_DEADLINE_S = 10.0  # SIGTERM: the process is gone by then, whatever hangs
 
 
-class StageWorker(PeerCacheMixin):
+class StageWorker(PeerCacheMixin, RoleSwitchMixin):
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.role = args.role
         self.worker_id = args.worker_id or f"{args.role}-{uuid.uuid4().hex[:8]}"
         self.incarnation = uuid.uuid4().hex
+        self.epoch = 0  # +1 per live role switch
         self.done = asyncio.Event()
         self.embed_events: list[tuple[bool, object]] = []  # (stored?, ImageRef | hash) for the index
         self.prefix_answers: dict[str, asyncio.Future] = {}  # request id -> PrefixAnswer awaited
@@ -89,10 +90,7 @@ class StageWorker(PeerCacheMixin):
         self.engine = LLMEngine(cfg)
         cost_model = profiler.profile(self.engine, self.role, use_cache=not a.no_profile_cache)
         self.encode_timings: deque[list[float]] = deque(maxlen=m.MAX_TIMINGS)
-        # Encode role: the embeddings kept pullable, by pixel hash, within the encoder cache budget.
-        self.published = ContentCache(cfg.encoder_cache_mb << 20)
-        if self.role != "encode":
-            self.engine.blocks.record_events()
+        self._enter_role(self.role)
         text_cfg = getattr(self.engine.hf_config, "text_config", None) or self.engine.hf_config
         self.embed_dim = text_cfg.hidden_size  # an image embedding row must be this wide
         self.loop = asyncio.get_running_loop()
@@ -192,7 +190,7 @@ class StageWorker(PeerCacheMixin):
                 self.worker_id, self.incarnation, len(sched.running), len(sched.waiting),
                 blocks.num_used_blocks, blocks.num_blocks, eng.runner.num_images_encoded,
                 blocks.prefix_hits, blocks.prefix_queries, dict(self.transfer.pulls_by_backend),
-                dict(self.counters), self._timings()))
+                dict(self.counters), self._timings(), self.epoch))
             await asyncio.sleep(HEARTBEAT_S)
 
     def _timings(self) -> list[list[float]]:
@@ -218,7 +216,8 @@ class StageWorker(PeerCacheMixin):
         handlers = {m.GenerateRequest: self._generate, m.EncodeRequest: self._encode,
                     m.DecodeRequest: self._decode, m.AbortRequest: self._abort, m.ReleaseKv: self._release,
                     m.PrefixExport: self._export_prefix, m.PrefixAnswer: self._prefix_answer,
-                    m.TokenizeRequest: self._tokenize, m.DetokenizeRequest: self._detokenize}
+                    m.TokenizeRequest: self._tokenize, m.DetokenizeRequest: self._detokenize,
+                    m.SwitchRole: self._switch_role}
         while True:
             _, msg = await self.sock.recv()
             self.heard = time.monotonic()

@@ -45,6 +45,9 @@ class ContentCache:
         self.used_bytes += size
         return evicted
 
+    def keys(self) -> list[str]:
+        return list(self._items)
+
     def __contains__(self, key: str) -> bool:
         return key in self._items
 

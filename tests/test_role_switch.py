@@ -1,0 +1,215 @@
+"""Live role switching with real processes: ``POST /admin/workers/{id}/role`` under load.
+
+2e1p1d (encode-0, encode-1, prefill-0, decode-0) with an admin key. Eight greedy streams run
+undisturbed once (the reference); then, for each switch, the same eight run again and the switch
+is asked for once every stream has produced a few tokens: every stream must complete with exactly
+the reference tokens and text (nothing lost, duplicated or changed), the worker must then be
+listed in its new role with the new epoch, and new requests must equal transformers' tokens.
+
+The default suite runs encode-1 -> decode (the issue's case) and the refusals (400 / 401 / 404 /
+409). The slow cycle takes the deployment through every other direction and back to where it
+began: decode-0 -> prefill (its decodes handed over past a short drain deadline), prefill-0 ->
+encode, prefill-0 -> prefill, decode-0 -> decode, encode-1 -> encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import aiohttp
+import pytest
+
+from router.serve import ROOT, Deployment, load_config
+from tests.e2e_util import chat_body, reference
+
+pytestmark = pytest.mark.e2e
+
+KEY = "switch-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+N_STREAMS = 8
+MAX_TOKENS = 48
+SWITCH_AFTER = 4  # tokens every stream has streamed when the switch is asked for
+
+
+@pytest.fixture(scope="module")
+def dep(llava_dir, tmp_path_factory):
+    cfg = load_config(ROOT / "configs" / "2e1p1d.yaml")
+    cfg["router"]["admin_key"] = KEY
+    d = Deployment(cfg, llava_dir, log_dir=tmp_path_factory.mktemp("logs-role-switch"))
+    d.start(timeout=240)
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def bodies(test_images):
+    texts = ["Tell me about rivers", "Describe the picture", "Count to a hundred", "Why is the sky blue",
+             "A story about a cat", "List the colours", "Explain the tides", "What is in the image"]
+    return [chat_body("tiny-llava", f"{texts[i]} #{i}", [test_images[i % len(test_images)]] if i % 4 else [],
+                      stream=True, max_tokens=MAX_TOKENS, ignore_eos=True, return_token_ids=True,
+                      stream_options={"include_usage": True}) for i in range(N_STREAMS)]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(dep, bodies):
+    got = asyncio.run(_run(dep.url, bodies))[:-1]
+    assert all(g["error"] is None and len(g["ids"]) == MAX_TOKENS for g in got), got
+    return got
+
+
+async def _stream(session, url: str, body: dict, progress: list, i: int) -> dict:
+    out = {"ids": [], "text": "", "usage": None, "error": None}
+    async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+        if r.status != 200:
+            out["error"] = f"{r.status}: {await r.text()}"
+            return out
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                out["error"] = ev["error"]["message"]
+            if ev.get("usage"):
+                out["usage"] = ev["usage"]
+            for ch in ev.get("choices", []):
+                out["text"] += ch["delta"].get("content") or ""
+                out["ids"] += ch.get("token_ids") or []
+            progress[i] = len(out["ids"])
+    return out
+
+
+async def _run(url: str, bodies: list[dict], switch: tuple[str, dict] | None = None) -> list[dict]:
+    """Every body as a stream; ``switch`` = (worker, body) is posted once each has SWITCH_AFTER
+    tokens, and its answer is the last item."""
+    progress = [0] * len(bodies)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+        tasks = [asyncio.create_task(_stream(s, url, b, progress, i)) for i, b in enumerate(bodies)]
+        answer = None
+        if switch is not None:
+            while min(progress) < SWITCH_AFTER and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.01)
+            assert not any(t.done() for t in tasks), "a stream ended before the switch: make them longer"
+            answer = await _post_role(s, url, *switch)
+            # A second switch of the same worker while the first is under way is refused.
+            assert (await _post_role(s, url, switch[0], {"role": "encode"}))[0] == 409
+        return [*(await asyncio.gather(*tasks)), answer]
+
+
+async def _post_role(s, url: str, worker: str, body, headers=AUTH) -> tuple[int, dict]:
+    data = body if isinstance(body, str) else json.dumps(body)
+    async with s.post(f"{url}/admin/workers/{worker}/role", data=data, headers=headers) as r:
+        return r.status, await r.json()
+
+
+def _admin(url: str, path: str = "/admin/workers"):
+    async def get():
+        async with aiohttp.ClientSession() as s, s.get(f"{url}{path}", headers=AUTH) as r:
+            assert r.status == 200
+            return await (r.json() if path.startswith("/admin") else r.text())
+    return asyncio.run(get())
+
+
+def _wait_role(url: str, worker: str, role: str, epoch: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        w = {w["worker_id"]: w for w in _admin(url)["workers"]}[worker]
+        if w["role"] == role and w["role_state"] == "active" and w["epoch"] == epoch:
+            return w
+        time.sleep(0.1)
+    raise AssertionError(f"{worker} not an active {role} worker of epoch {epoch}: {w}")
+
+
+def _switches(url: str, old: str, new: str) -> float:
+    m = re.search(rf'^epd:role_switches_total{{from="{old}",to="{new}"}} (\S+)$', _admin(url, "/metrics"), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _switch_under_load(dep, bodies, undisturbed, worker: str, role: str, drain_s: float | None = None) -> float:
+    """Switch ``worker`` to ``role`` with the streams in flight; returns the switch's seconds."""
+    before = {w["worker_id"]: w for w in _admin(dep.url)["workers"]}[worker]
+    body = {"role": role, **({"drain_s": drain_s} if drain_s is not None else {})}
+    t0 = time.monotonic()
+    *got, (status, answer) = asyncio.run(_run(dep.url, bodies, (worker, body)))
+    assert status == 202, answer
+    assert answer["epoch"] == before["epoch"] + 1 and answer["from"] == before["role"] and answer["role"] == role
+    for i, (g, w) in enumerate(zip(got, undisturbed)):
+        assert g["error"] is None, (i, g["error"])
+        assert g["ids"] == w["ids"] and g["text"] == w["text"], f"stream {i} differs from the undisturbed run"
+        assert g["usage"]["completion_tokens"] == MAX_TOKENS, g["usage"]  # each token counted once
+    after = _wait_role(dep.url, worker, role, answer["epoch"])
+    assert after["incarnation"] == before["incarnation"]  # the same process: no restart
+    assert ("step" in after["cost_model"]) == (role != "encode")  # profiled for the new role
+    assert _switches(dep.url, before["role"], role) >= 1
+    return time.monotonic() - t0
+
+
+def _serves_exact(dep, llava_dir, test_images) -> None:
+    """New requests (with and without images) equal transformers' greedy tokens."""
+    cases = [("What is in this picture?", [test_images[0]]), ("Hello there", []),
+             ("Compare these", [test_images[1], test_images[2]])]
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            async def one(text, imgs):
+                async with s.post(f"{dep.url}/v1/chat/completions",
+                                  json=chat_body("tiny-llava", text, imgs, return_token_ids=True)) as r:
+                    assert r.status == 200, await r.text()
+                    return (await r.json())["choices"][0]["token_ids"]
+            return await asyncio.gather(*(one(t, i) for t, i in cases))
+
+    for (text, imgs), got in zip(cases, asyncio.run(run())):
+        assert got == reference(llava_dir, text, imgs), text
+
+
+def test_refusals(dep):
+    """400 bad role or body, 401 without the admin key, 404 unknown worker, 409 the last decode
+    worker / its own role; nothing refused changes a worker."""
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            url = dep.url
+            assert (await _post_role(s, url, "decode-0", {"role": "prefill"}, headers={}))[0] == 401
+            assert (await _post_role(s, url, "decode-0", {"role": "prefill"},
+                                     headers={"Authorization": "Bearer wrong"}))[0] == 401
+            assert (await _post_role(s, url, "nobody-7", {"role": "decode"}))[0] == 404
+            for bad in ({"role": "mixed"}, {"role": "boss"}, {"role": 3}, {}, "not json", "[1]",
+                        {"role": "decode", "drain_s": -1}):
+                status, out = await _post_role(s, url, "encode-0", bad)
+                assert status == 400, (bad, out)
+            status, out = await _post_role(s, url, "decode-0", {"role": "encode"})
+            assert status == 409 and "last live decode" in out["error"]["message"], out
+            assert (await _post_role(s, url, "prefill-0", {"role": "decode"}))[0] == 409  # the last prefill
+            assert (await _post_role(s, url, "encode-0", {"role": "encode"}))[0] == 409  # already one
+
+    asyncio.run(run())
+    assert all(w["role_state"] == "active" and w["epoch"] == 0 for w in _admin(dep.url)["workers"])
+
+
+def test_encode_to_decode_under_load(dep, bodies, undisturbed, llava_dir, test_images):
+    """The issue's case: encode-1 becomes a decode worker with 8 greedy streams in flight."""
+    took = _switch_under_load(dep, bodies, undisturbed, "encode-1", "decode")
+    print(f"encode-1 -> decode under load: {took:.2f} s (streams included)")
+    roles = {w["worker_id"]: w["role"] for w in _admin(dep.url)["workers"]}
+    assert roles == {"encode-0": "encode", "encode-1": "decode", "prefill-0": "prefill", "decode-0": "decode"}
+    _serves_exact(dep, llava_dir, test_images)
+
+
+# Every other direction, in an order that always leaves each role a live worker, ending where
+# 2e1p1d began. decode-0 -> prefill hands its long decodes to encode-1 (a decoder since the test
+# above) past a drain deadline of 0.5 s: the recovery path, no token lost or duplicated.
+CYCLE = [("decode-0", "prefill", 0.5), ("prefill-0", "encode", None), ("prefill-0", "prefill", None),
+         ("decode-0", "decode", None), ("encode-1", "encode", None)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("worker,role,drain_s", CYCLE, ids=[f"{w}-to-{r}" for w, r, _ in CYCLE])
+def test_every_direction_under_load(dep, bodies, undisturbed, llava_dir, test_images, worker, role, drain_s):
+    roles = {w["worker_id"]: w["role"] for w in _admin(dep.url)["workers"]}
+    if roles["encode-1"] != "decode" and worker != "encode-1":
+        test_encode_to_decode_under_load(dep, bodies, undisturbed, llava_dir, test_images)  # run alone (-k)
+    took = _switch_under_load(dep, bodies, undisturbed, worker, role, drain_s)
+    print(f"{worker} -> {role} under load: {took:.2f} s (streams included)")
+    _serves_exact(dep, llava_dir, test_images)
