@@ -1,15 +1,16 @@
 """Dispatch policies side by side: one trace replayed against slo_aware, least_loaded and round_robin.
 
-    python -m perf.bench_policies --config 2e1p1d --rates 1,2,4 --num-prompts 40 \
+    python -m perf.bench_policies --config 2e1p1d --rates 1,2,4 --num-prompts 40 --rounds 3 \
         --slo-ttft-ms 1500 --slo-tpot-ms 150 --out perf/results/policies/2e1p1d.json
 
-Each policy gets a fresh deployment of the same config and the same requests at every rate
-(a mix of text-only, 1-image and 4-8-image chats with bursty gamma arrivals; each rate has its
-own images, so no rate is answered from an earlier one's caches). Per policy it reports the
-SLO attainment at each rate, the goodput (highest rate with >= 90% in SLO, as ``epd-bench``),
-the router's prediction error (``epd:ttft_prediction_ratio`` / ``epd:tpot_prediction_ratio``:
-the share of requests within 10% and 25% of their prediction, and the median ratio read from the
-histogram) and the share of 429s.
+Each round gives each policy a fresh deployment of the same config (``--workers`` replaces its
+workers, e.g. to make one prefill worker slower) and the same requests at every rate (a mix of
+text-only, 1-image and 4-8-image chats with bursty gamma arrivals; each rate and round has its
+own images, so none is answered from an earlier one's caches). Rounds alternate the policies, so
+that a shared host's load falls on all of them; the summary gives per policy the median and
+spread over rounds of: the SLO attainment at each rate, the goodput (highest rate with >= 90% in
+SLO, as ``epd-bench``), the median TTFT, and the router's TTFT prediction error (median
+|actual / predicted - 1| from ``epd:ttft_prediction_error``, and the share within 15%).
 """
 
 from __future__ import annotations
@@ -68,46 +69,112 @@ def ratio_stats(buckets: dict[float, float]) -> dict:
             "median_ratio": None if median is None else round(median, 3)}
 
 
-def bench_policy(policy: str, args, tokenizer, log_dir: Path) -> dict:
+def quantile(buckets: dict[float, float], q: float = 0.5) -> float | None:
+    """A quantile of a cumulative histogram, linear inside the bucket that holds it."""
+    total = buckets.get(float("inf"), 0.0)
+    if not total:
+        return None
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets.items():
+        if c >= total * q:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (total * q - prev_c) / max(c - prev_c, 1e-9)
+        prev_le, prev_c = le, c
+    return None
+
+
+def parse_workers(spec: str) -> list[dict]:
+    """``encode:2,prefill:1,prefill:1:max_num_batched_tokens=32,decode:1`` -> the config's workers."""
+    out = []
+    for part in spec.split(","):
+        role, count, *opts = part.split(":")
+        w = {"role": role, "count": int(count)}
+        for o in opts:
+            k, v = o.split("=")
+            w[k] = int(v) if v.isdigit() else v
+        out.append(w)
+    return out
+
+
+def bench_once(policy: str, args, tokenizer, log_dir: Path) -> dict:
+    """One fresh deployment under ``policy``: the rates in order, then its /metrics."""
     cfg = load_config(ROOT / "configs" / f"{args.config}.yaml")
     cfg["served_model_name"] = NAME
     cfg.setdefault("router", {})["policy"] = policy
+    if args.workers:
+        cfg["workers"] = parse_workers(args.workers)
+    if args.threads:
+        cfg.setdefault("engine", {})["threads"] = args.threads
     if args.max_queue_s is not None:
         cfg["router"]["admission"] = {"max_queue_s": args.max_queue_s}
-    dep = Deployment(cfg, str(args.model), port=free_port(), log_dir=log_dir / policy)
+    dep = Deployment(cfg, str(args.model), port=free_port(), log_dir=log_dir / f"{policy}-{args.round}")
+    if args.log_plans:  # each request's predicted TTFT terms and actual TTFT in router.log
+        dep.extra_router_args = [*dep.extra_router_args, "--log-level", "DEBUG"]
     runs = []
     try:
         dep.start(args.start_timeout)
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):
-            reqs = trace(tokenizer, args.num_prompts, args.seed + 10 * i)
-            load = asyncio.run(run_load(dep.url, NAME, reqs, rate, args.burstiness, None, 0, args.seed))
+            reqs = trace(tokenizer, args.num_prompts, args.seed + 10 * i + 1000 * args.round)
+            load = asyncio.run(run_load(dep.url, NAME, reqs, rate, args.burstiness, None, 0, args.seed + args.round))
             s = summarize(load.results, load.wall_s, args.slo_ttft_ms, args.slo_tpot_ms)
             rejected = sum(1 for r in load.results if "429" in r.error)
             runs.append({"rate": rate, "attainment": s.get("slo_attainment"), "completed": s["completed"],
                          "rejected_share": rejected / len(load.results),
                          "median_ttft_ms": s["median_ttft_ms"], "p90_ttft_ms": s["p90_ttft_ms"],
                          "median_tpot_ms": s["median_tpot_ms"], "p90_tpot_ms": s["p90_tpot_ms"]})
-            print(policy, json.dumps(runs[-1]), flush=True)
+            print(f"round {args.round}", policy, json.dumps(runs[-1]), flush=True)
         metrics = urllib.request.urlopen(f"{dep.url}/metrics", timeout=10).read().decode()
     finally:
         dep.stop()
-    return {"policy": policy, "runs": runs,
+    error = histogram(metrics, "epd:ttft_prediction_error")
+    return {"policy": policy, "round": args.round, "runs": runs,
             "goodput_rate": goodput([(r["rate"], r["attainment"]) for r in runs]),
+            "ttft_error_median": quantile(error), "ttft_error_p90": quantile(error, 0.9),
+            "ttft_within_15pct": round(error.get(0.15, 0.0) / max(error.get(float("inf"), 0.0), 1), 3),
             "ttft_prediction": ratio_stats(histogram(metrics, "epd:ttft_prediction_ratio")),
             "tpot_prediction": ratio_stats(histogram(metrics, "epd:tpot_prediction_ratio"))}
+
+
+def _spread(xs: list) -> dict:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"median": None}
+    return {"median": round(float(np.median(xs)), 3), "min": round(min(xs), 3), "max": round(max(xs), 3)}
+
+
+def summarize_rounds(results: list[dict], policies: list[str]) -> dict:
+    """Per policy: medians and spread over the rounds (goodput, attainment per rate, TTFT, error)."""
+    out = {}
+    for p in policies:
+        mine = [r for r in results if r["policy"] == p]
+        rates = [x["rate"] for x in mine[0]["runs"]] if mine else []
+        out[p] = {"rounds": len(mine), "goodput_rate": _spread([r["goodput_rate"] or 0.0 for r in mine]),
+                  "attainment": {str(rate): _spread([r["runs"][i]["attainment"] for r in mine])
+                                 for i, rate in enumerate(rates)},
+                  "median_ttft_ms": {str(rate): _spread([r["runs"][i]["median_ttft_ms"] for r in mine])
+                                     for i, rate in enumerate(rates)},
+                  "ttft_error_median": _spread([r["ttft_error_median"] for r in mine]),
+                  "ttft_within_15pct": _spread([r["ttft_within_15pct"] for r in mine])}
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model directory (default: the tiny LLaVA)")
     ap.add_argument("--config", default="2e1p1d")
+    ap.add_argument("--workers", help="replace the config's workers: role:count[:engine_key=value...],... "
+                                      "(e.g. a slower prefill worker: prefill:1:max_num_batched_tokens=32)")
+    ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     ap.add_argument("--policies", default="slo_aware,least_loaded,round_robin")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds; each runs every policy, in a rotated order")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--num-prompts", type=int, default=40)
     ap.add_argument("--burstiness", type=float, default=0.5, help="gamma shape (< 1: burstier than Poisson)")
     ap.add_argument("--slo-ttft-ms", type=float, default=1500)
     ap.add_argument("--slo-tpot-ms", type=float, default=150)
     ap.add_argument("--max-queue-s", type=float, default=None, help="admission bound (default: off)")
+    ap.add_argument("--log-plans", action="store_true", help="router at DEBUG: every TTFT vs its prediction")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--out", default="perf/results/policies/result.json")
@@ -115,15 +182,23 @@ def main(argv=None) -> int:
     args.model = Path(args.model) if args.model else default_model()
     tokenizer = datasets.load_tokenizer(str(args.model))
     log_dir = ROOT / "perf" / "out" / "policies" / Path(args.out).stem  # worker logs, not kept in git
-    results = [bench_policy(p, args, tokenizer, log_dir) for p in args.policies.split(",")]
+    policies = args.policies.split(",")
+    results = []
+    # Rounds alternate the policies (rotated, so none always runs first on a cold host); a round's
+    # requests are the same for every policy, each round's differ.
+    for rnd in range(args.rounds):
+        args.round = rnd
+        for p in policies[rnd % len(policies):] + policies[:rnd % len(policies)]:
+            results.append(bench_once(p, args, tokenizer, log_dir))
+    summary = summarize_rounds(results, policies)
     out = {"config": args.config, "model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()},
-           "results": results}
+           "summary": summary, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    for r in results:
-        print(f"{r['policy']:13} goodput {r['goodput_rate']} req/s  attainment "
-              + " ".join(f"{x['rate']:g}:{x['attainment']:.0%}" for x in r["runs"] if x["attainment"] is not None)
-              + f"  TTFT pred {r['ttft_prediction']}  TPOT pred {r['tpot_prediction']}")
+    for p, x in summary.items():
+        print(f"{p:13} goodput {x['goodput_rate']} req/s  attainment {x['attainment']}  "
+              f"TTFT median ms {x['median_ttft_ms']}  TTFT |pred/actual-1| median {x['ttft_error_median']} "
+              f"within 15% {x['ttft_within_15pct']}")
     return 0
 
 

@@ -21,7 +21,9 @@ by stage, re-planning the rest when a planned worker is gone.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from router.cost_model import WorkerCost
@@ -29,7 +31,10 @@ from router.prefix_price import PREFIX_PULL_S, PrefixView
 from router.request_size import PromptSizer, RequestSize, estimate
 
 log = logging.getLogger("epd.router")
-OVERHEAD_ALPHA = 0.1
+# The learned TTFT/TPOT offsets: the median of the last residuals (actual - modelled), not a mean:
+# on a shared host one descheduled request is off by 10x, and one such outlier would drag a mean
+# (and so every prediction after it) far from the typical request.
+OFFSET_WINDOW = 32
 PULL_S = 0.002  # one embedding pull between workers of a host (perf/bench_transfer.py: ~1-2 ms)
 
 
@@ -53,6 +58,7 @@ class Plan:
     tokens: int = 0  # output tokens delivered
     overhead_s: float = 0.0  # the learned TTFT offset included in ttft_s
     tpot_overhead_s: float = 0.0  # the learned TPOT offset included in tpot_s
+    parts: dict[str, float] = field(default_factory=dict)  # the TTFT's terms, for the log and the bench
 
     def worker_for(self, roles: tuple[str, ...]) -> str | None:
         """The planned worker of a stage (``roles`` as the core asks for it), or None."""
@@ -93,11 +99,13 @@ class Planner:
         self.flights = flights
         self.slo = slo or Slo()
         self.costs: dict[tuple[str, str], WorkerCost] = {}  # (worker id, incarnation) -> model
-        # Per prefill-capable worker: an EWMA of actual TTFT - predicted (the hops, transfers,
-        # tokenization and queueing no step timing sees; negative when the profile ran on a
-        # busier device), added to its TTFT predictions; per decode-capable worker the same of TPOT.
+        # Per prefill-capable worker, apart for requests with an E stage (its extra hops and pulls):
+        # actual TTFT - modelled (the hops, transfers, tokenization and queueing no step timing
+        # sees; negative when the profile ran on a busier device), added to its TTFT predictions;
+        # per decode-capable worker the same of TPOT. Each a running median (``OFFSET_WINDOW``).
         self.overhead: dict[str, float] = {}
         self.tpot_overhead: dict[str, float] = {}
+        self._residuals: dict[tuple[str, str], deque] = {}
         self._sizer: PromptSizer | None = None
         self._sizer_dir: str | None = None
         self.index = None  # the cluster index (``router.cluster_index``), set by the core
@@ -212,8 +220,10 @@ class Planner:
         plan.prefill = prefill.worker_id
         plan.work[prefill.worker_id] = encode + prefill_s
         raw = max(queue, images_ready) + encode + prefill_s
-        plan.overhead_s = max(self.overhead.get(prefill.worker_id, 0.0), -0.9 * raw)
+        plan.overhead_s = max(self.overhead.get(_offset_key(prefill.worker_id, plan), 0.0), -0.9 * raw)
         plan.ttft_s = raw + plan.overhead_s
+        plan.parts = {"queue": queue, "images": images_ready, "encode": encode, "prefill": prefill_s,
+                      "overhead": plan.overhead_s}
         plan.wait_s = max(queue, plan.wait_s)
         target = decode or prefill
         seqs, ctx = self.decode_load(target)
@@ -235,18 +245,23 @@ class Planner:
         """A planned request's actual TTFT: learn its prefill worker's overhead."""
         if plan.prefill is None:
             return
-        _ewma(self.overhead, plan.prefill, ttft_s - (plan.ttft_s - plan.overhead_s))
+        self._learn(self.overhead, "ttft", _offset_key(plan.prefill, plan), ttft_s - (plan.ttft_s - plan.overhead_s))
 
     def finished(self, plan: Plan, tpot_s: float) -> None:
         """A planned request's actual TPOT: learn its decode worker's offset."""
         worker = plan.decode or plan.prefill
         if worker is not None:
-            _ewma(self.tpot_overhead, worker, tpot_s - (plan.tpot_s - plan.tpot_overhead_s))
+            self._learn(self.tpot_overhead, "tpot", worker, tpot_s - (plan.tpot_s - plan.tpot_overhead_s))
 
     def meets(self, plan: Plan, slo: Slo) -> bool:
         return slo.tpot_s is None or plan.tpot_s <= slo.tpot_s
 
+    def _learn(self, table: dict[str, float], kind: str, key: str, residual: float) -> None:
+        window = self._residuals.setdefault((kind, key), deque(maxlen=OFFSET_WINDOW))
+        window.append(residual)
+        table[key] = statistics.median(window)
 
-def _ewma(table: dict[str, float], key: str, value: float) -> None:
-    old = table.get(key)
-    table[key] = value if old is None else old + OVERHEAD_ALPHA * (value - old)
+
+def _offset_key(worker: str, plan: Plan) -> str:
+    """Requests whose images an encode worker ran pay its hops and pulls: learned apart."""
+    return f"{worker}+E" if any(plan.encoders) else worker

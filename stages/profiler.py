@@ -112,7 +112,8 @@ def profile_steps(engine) -> tuple[dict[str, float], int]:
     lengths = sorted({min(n, limit) for n in (16, 96, 384)})
     for n in lengths:
         rows += _run(engine, [ids(n)], 1)
-    base = ids(min(256, limit - 32))  # a cached prefix, then 32 new tokens on top of it
+    # A cached prefix, then 32 new tokens on top of it (a small token budget chunks them).
+    base = ids(max(min(256, limit - 32), 16))
     _run(engine, [base], 1)
     rows += _run(engine, [base + ids(32)], 1)
     seqs = engine.config.max_num_seqs

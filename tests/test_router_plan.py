@@ -277,6 +277,9 @@ def test_ttft_overhead_is_learned_from_first_tokens():
 
     planner = Planner(registry=None, flights={})
     plan = Plan(RequestSize(10), prefill="p0", ttft_s=0.01)
-    for _ in range(60):
-        planner.first_token(plan, 0.05)
-    assert planner.overhead["p0"] == pytest.approx(0.04, rel=1e-3)
+    for i in range(60):
+        planner.first_token(plan, 2.0 if i % 5 == 0 else 0.05)  # every fifth one descheduled
+    assert planner.overhead["p0"] == pytest.approx(0.04, rel=1e-3)  # the typical offset, not the mean's
+    with_e = Plan(RequestSize(10), ["e0"], prefill="p0", ttft_s=0.01)
+    planner.first_token(with_e, 0.11)
+    assert planner.overhead["p0+E"] == pytest.approx(0.1) and planner.overhead["p0"] == pytest.approx(0.04)
