@@ -51,6 +51,42 @@ def test_varlen_matches_per_segment(impl, lengths):
     assert err < 1e-5, err
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_varlen_half_precision(impl):
+    """The tensor-core path (non-IEEE dots, fp32 accumulation) against an fp32 reference.
+
+    fp16, because Triton's interpreter has no bf16 (bf16 runs in the cuda test below)."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    lengths = [64, 64, 30, 130, 64]
+    g = torch.Generator().manual_seed(5)
+    t, h, d = sum(lengths), 2, 80
+    q, k, v = torch.randn(t, 3, h, d, generator=g).to(DEVICE, torch.float16).unbind(1)
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    ref = per_segment(q.float(), k.float(), v.float(), lengths, d ** -0.5)
+    out = vision.varlen_attention(q, k, v, cu, d ** -0.5, impl)
+    assert out.dtype == torch.float16
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-3, err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_7b_tower_shapes_on_cuda(impl):
+    """The 7B tower's attention shapes in bf16: 16 heads of 80, windows of 64 with edge windows,
+    and one whole 1344x1344 image (9,216 rows)."""
+    for lengths in ([64] * 40 + [32, 16, 8], [9216, 4096]):
+        g = torch.Generator().manual_seed(len(lengths))
+        t, h, d = sum(lengths), 16, 80
+        q, k, v = torch.randn(t, 3, h, d, generator=g).to(DEVICE, torch.bfloat16).unbind(1)
+        cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+        ref = per_segment(q.float(), k.float(), v.float(), lengths, d ** -0.5)
+        out = vision.varlen_attention(q, k, v, cu, d ** -0.5, impl)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, (lengths[:3], err)
+
+
 def tiny_tower_config():
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "reference", "sdpa", "triton")
-CUDA_DEFAULT = "sdpa"  # fastest on one H200 at 7B shapes (perf/RESULTS.md, vision tower section)
+# Not yet measured on a GPU (perf/bench_vision.py times all three): "sdpa" because PyTorch's flash
+# kernel takes head_dim 80 as is, where ours pads it to 128 (3/8 of the dot work wasted).
+CUDA_DEFAULT = "sdpa"
 
 
 def _host_lengths(cu_seqlens: torch.Tensor) -> list[int]:
