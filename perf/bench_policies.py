@@ -128,7 +128,9 @@ def bench_once(policy: str, args, tokenizer, log_dir: Path) -> dict:
     finally:
         dep.stop()
     error = histogram(metrics, "epd:ttft_prediction_error")
+    mismatch = re.search(r"^epd:prompt_token_count_mismatch_total (\S+)$", metrics, re.M)
     return {"policy": policy, "round": args.round, "runs": runs,
+            "prompt_count_mismatches": float(mismatch.group(1)) if mismatch else None,
             "goodput_rate": goodput([(r["rate"], r["attainment"]) for r in runs]),
             "ttft_error_median": quantile(error), "ttft_error_p90": quantile(error, 0.9),
             "ttft_within_15pct": round(error.get(0.15, 0.0) / max(error.get(float("inf"), 0.0), 1), 3),
@@ -155,7 +157,8 @@ def summarize_rounds(results: list[dict], policies: list[str]) -> dict:
                   "median_ttft_ms": {str(rate): _spread([r["runs"][i]["median_ttft_ms"] for r in mine])
                                      for i, rate in enumerate(rates)},
                   "ttft_error_median": _spread([r["ttft_error_median"] for r in mine]),
-                  "ttft_within_15pct": _spread([r["ttft_within_15pct"] for r in mine])}
+                  "ttft_within_15pct": _spread([r["ttft_within_15pct"] for r in mine]),
+                  "prompt_count_mismatches": sum(r.get("prompt_count_mismatches") or 0 for r in mine)}
     return out
 
 
@@ -168,6 +171,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     ap.add_argument("--policies", default="slo_aware,least_loaded,round_robin")
     ap.add_argument("--rounds", type=int, default=1, help="rounds; each runs every policy, in a rotated order")
+    ap.add_argument("--first-round", type=int, default=0, help="number of the first round (its seeds and order): "
+                                                               "rounds can run as separate invocations")
+    ap.add_argument("--merge", help="comma-separated result files of earlier invocations: summarize them together "
+                                    "into --out, running nothing")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--num-prompts", type=int, default=40)
     ap.add_argument("--burstiness", type=float, default=0.5, help="gamma shape (< 1: burstier than Poisson)")
@@ -179,22 +186,31 @@ def main(argv=None) -> int:
     ap.add_argument("--start-timeout", type=float, default=300)
     ap.add_argument("--out", default="perf/results/policies/result.json")
     args = ap.parse_args(argv)
-    args.model = Path(args.model) if args.model else default_model()
-    tokenizer = datasets.load_tokenizer(str(args.model))
-    log_dir = ROOT / "perf" / "out" / "policies" / Path(args.out).stem  # worker logs, not kept in git
     policies = args.policies.split(",")
-    results = []
-    # Rounds alternate the policies (rotated, so none always runs first on a cold host); a round's
-    # requests are the same for every policy, each round's differ.
-    for rnd in range(args.rounds):
-        args.round = rnd
-        for p in policies[rnd % len(policies):] + policies[:rnd % len(policies)]:
-            results.append(bench_once(p, args, tokenizer, log_dir))
-    summary = summarize_rounds(results, policies)
-    out = {"config": args.config, "model": str(args.model), "args": {k: str(v) for k, v in vars(args).items()},
-           "summary": summary, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        results = [r for part in parts for r in part["results"]]
+        out = {**parts[0], "args": [part["args"] for part in parts], "merged": args.merge.split(","),
+               "summary": summarize_rounds(results, policies), "results": results}
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        summary = out["summary"]
+    else:
+        args.model = Path(args.model) if args.model else default_model()
+        tokenizer = datasets.load_tokenizer(str(args.model))
+        log_dir = ROOT / "perf" / "out" / "policies" / Path(args.out).stem  # worker logs, not kept in git
+        results = []
+        # Rounds alternate the policies (rotated, so none always runs first on a cold host); a
+        # round's requests are the same for every policy, each round's differ. The file is written
+        # after every run: a run cut short keeps what was measured.
+        for rnd in range(args.first_round, args.first_round + args.rounds):
+            args.round = rnd
+            for p in policies[rnd % len(policies):] + policies[:rnd % len(policies)]:
+                results.append(bench_once(p, args, tokenizer, log_dir))
+                summary = summarize_rounds(results, policies)
+                out = {"config": args.config, "model": str(args.model),
+                       "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "results": results}
+                Path(args.out).write_text(json.dumps(out, indent=1))
     for p, x in summary.items():
         print(f"{p:13} goodput {x['goodput_rate']} req/s  attainment {x['attainment']}  "
               f"TTFT median ms {x['median_ttft_ms']}  TTFT |pred/actual-1| median {x['ttft_error_median']} "
