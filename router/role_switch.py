@@ -80,7 +80,7 @@ class RoleSwitcher:
     async def _run(self, rec: WorkerRecord, role: str, epoch: int, drain_s: float) -> None:
         wid, incarnation, old = rec.worker_id, rec.info.incarnation, rec.role
         t0 = time.monotonic()
-        handed = False
+        handed, fut = False, None
         try:
             while self._holds(rec, strict=not handed):
                 if not self._same(rec, incarnation):
@@ -99,7 +99,13 @@ class RoleSwitcher:
             fut = asyncio.get_running_loop().create_future()
             self._ready[wid] = (epoch, fut)
             await self.core.sock.send(m.SwitchRole(role, epoch), to=wid.encode())
-            await asyncio.wait_for(fut, self.ready_timeout_s)
+            ready_by = time.monotonic() + self.ready_timeout_s
+            while not fut.done():  # a worker that dies meanwhile ends the switch (its record says why)
+                if not self._same(rec, incarnation):
+                    return
+                if time.monotonic() > ready_by:
+                    raise asyncio.TimeoutError
+                await asyncio.wait({fut}, timeout=0.5)
             total = time.monotonic() - t0
             log.info("role switch: %s %s -> %s (epoch %d) in %.2f s (drain %.2f s%s)", wid, old, role, epoch,
                      total, drained, ", requests handed over" if handed else "")
@@ -110,7 +116,8 @@ class RoleSwitcher:
         except Exception:  # noqa: BLE001 - the worker stays as it was; logged
             log.exception("role switch of %s failed", wid)
         finally:
-            self._ready.pop(wid, None)
+            if self._ready.get(wid, (None, None))[1] is fut:
+                self._ready.pop(wid, None)
             if self.core.registry.workers.get(wid) is rec:
                 rec.switch, rec.switch_to = "active", None
 
@@ -167,6 +174,8 @@ class RoleSwitcher:
         if old_role and exp.get(old_role):
             exp[old_role] -= 1
             exp[rec.role] = exp.get(rec.role, 0) + 1
+        if self.core.metrics is not None and hasattr(self.core.metrics, "forget_role") and old_role:
+            self.core.metrics.forget_role(rec.worker_id, old_role)
         want[1].set_result(None)
 
     def view(self, rec: WorkerRecord) -> dict:

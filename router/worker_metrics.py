@@ -141,6 +141,15 @@ class WorkerMetrics:
             if counters is not None:
                 counters.labels(**labels).set(n)
 
+    def forget_role(self, worker_id: str, role: str) -> None:
+        """A worker switched away from ``role``: its gauges under that role go (running totals stay,
+        their series simply stop)."""
+        for gauge in (self.kv_used, self.kv_blocks, self.kv_usage, self.running, self.waiting):
+            try:
+                gauge.remove(worker_id, role)
+            except KeyError:
+                pass
+
     def update_cluster(self, index_stats: dict[str, int], router_stats: dict[str, int],
                        capacity: dict[str, int] | None = None, evictions: dict[str, int] | None = None) -> None:
         for kind, n in index_stats.items():

@@ -149,6 +149,7 @@ def _switch_under_load(dep, bodies, undisturbed, worker: str, role: str, drain_s
         assert g["usage"]["completion_tokens"] == MAX_TOKENS, g["usage"]  # each token counted once
     after = _wait_role(dep.url, worker, role, answer["epoch"])
     assert after["incarnation"] == before["incarnation"]  # the same process: no restart
+    _admin(dep.url, "/health")  # 200: the roles it expects moved with the worker
     assert after["cost_model"]["source"] in ("profiled", "cache")  # measured for the new role
     assert _switches(dep.url, before["role"], role) >= 1
     if drain_s == 0:  # its decodes were handed over at once: the recovery path moved them
