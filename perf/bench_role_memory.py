@@ -34,29 +34,38 @@ def _rss_now_kb() -> int:
     return 0
 
 
-def child(model: str, role: str, kv_gb: float, switch: bool) -> dict:
+def child(model: str, role: str, kv_gb: float, switch: bool, device: str, load_format: str) -> dict:
     import resource
     import time
 
-    import torch  # noqa: F401 - the baseline includes it, as in every worker
-    import transformers  # noqa: F401
+    import torch
+    import transformers  # noqa: F401 - the baseline includes it, as in every worker
 
     from stages.engine.config import EngineConfig
     from stages.engine.llm_engine import LLMEngine
 
     base_kb = _rss_now_kb()
     t0 = time.perf_counter()
-    eng = LLMEngine(EngineConfig(model=model, role=role, kv_cache_memory_gb=kv_gb))
+    eng = LLMEngine(EngineConfig(model=model, role=role, kv_cache_memory_gb=kv_gb, device=device,
+                                 load_format=load_format, cuda_graphs=False))
     out = dict(eng.runner.memory(), build_s=round(time.perf_counter() - t0, 2), base_rss_kb=base_kb,
                peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    if eng.device.type == "cuda":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(eng.device)
     if switch:
-        out["switches"] = [{k: v for k, v in eng.switch_role(r).items() if k in ("role", "switch_s")}
-                           for r in ("decode", "prefill", "encode")]
+        out["switches"] = []
+        for r in ("decode", "prefill", "encode"):
+            got = eng.switch_role(r)
+            if eng.device.type == "cuda":
+                got["cuda_bytes"] = torch.cuda.memory_allocated(eng.device)
+            out["switches"].append({k: v for k, v in got.items() if k in ("role", "switch_s", "cuda_bytes")})
     return out
 
 
-def run_child(model: str, role: str, kv_gb: float, switch: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "perf.bench_role_memory", "--child", model, role, str(kv_gb)]
+def run_child(model: str, role: str, kv_gb: float, switch: bool = False, device: str = "cpu",
+              load_format: str = "auto") -> dict:
+    cmd = [sys.executable, "-m", "perf.bench_role_memory", "--child", model, role, str(kv_gb),
+           "--device", device, "--load-format", load_format]
     if switch:
         cmd.append("--switch")
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True,
@@ -92,15 +101,16 @@ def shapes_7b() -> list[dict]:
 
 
 def _row(name: str, role: str, r: dict) -> str:
+    peak = f" {r['peak_cuda_bytes'] / MIB:.0f} (CUDA) |" if "peak_cuda_bytes" in r else ""
     return (f"| {name} | {role} | {r['weights_bytes'] / MIB:.1f} | {r['kv_bytes'] / MIB:.1f} | "
-            f"{r['peak_rss_kb'] / 1024:.0f} | {(r['peak_rss_kb'] - r['base_rss_kb']) / 1024:.0f} | {r['build_s']} |")
+            f"{r['peak_rss_kb'] / 1024:.0f} | {(r['peak_rss_kb'] - r['base_rss_kb']) / 1024:.0f} | {r['build_s']} |{peak}")
 
 
 def table(results: dict) -> str:
-    lines = ["| model | worker | weights MiB | KV pool MiB | peak RSS MiB | peak RSS over baseline MiB | build s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for size, rows in results["cpu"].items():
-        name = f"llava-{size}"
+    cuda = results.get("device", "cpu").startswith("cuda")
+    lines = ["| model | worker | weights MiB | KV pool MiB | peak RSS MiB | peak RSS over baseline MiB | build s |"
+             + (" peak CUDA MiB |" if cuda else ""), "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
+    for name, rows in results["cpu"].items():
         for role in ROLES:
             lines.append(_row(name, f"{role} (role-aware)", rows[role]))
         lines.append(_row(name, "any role before (whole model + pool)", rows["mixed"]))
@@ -111,7 +121,8 @@ def table(results: dict) -> str:
         w = rows["mixed"]
         lines.append(f"| {name} | 1e1p1d total, before | {3 * w['weights_bytes'] / MIB:.1f} | "
                      f"{3 * w['kv_bytes'] / MIB:.1f} | | {3 * (w['peak_rss_kb'] - w['base_rss_kb']) / 1024:.0f} | |")
-        sw = ", ".join(f"-> {s['role']} {s['switch_s']} s" for s in rows["switches"])
+        sw = ", ".join(f"-> {s['role']} {s['switch_s']} s" + (f" ({s['cuda_bytes'] / MIB:.0f} MiB held)"
+                                                              if "cuda_bytes" in s else "") for s in rows["switches"])
         lines.append(f"| {name} | live switch from encode: {sw} | | | | | |")
     if results.get("7b"):
         lines += ["", "| Qwen2.5-VL-7B shapes (bf16) | params | weights GiB |", "|---|---:|---:|"]
@@ -126,26 +137,33 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="tiny,small")
     ap.add_argument("--kv-gb", type=float, default=0.25)
     ap.add_argument("--shapes-7b", action="store_true")
+    ap.add_argument("--model", action="append", default=[],
+                    help="a model directory to measure (instead of --sizes), e.g. a config-only 7b")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--load-format", default="auto", help="dummy for a config-only directory")
     ap.add_argument("--out", default=str(ROOT / "perf" / "results" / "role_memory.json"))
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "ROLE", "KV_GB"), help=argparse.SUPPRESS)
     ap.add_argument("--switch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         model, role, kv_gb = args.child
-        print(json.dumps(child(model, role, float(kv_gb), args.switch)))
+        print(json.dumps(child(model, role, float(kv_gb), args.switch, args.device, args.load_format)))
         return 0
     from stages.models.make_model import make_model
 
     cache = Path(os.environ.get("EPD_CACHE", Path.home() / ".cache" / "epd")) / "models"
-    results: dict = {"kv_gb": args.kv_gb, "cpu": {}}
-    for size in args.sizes.split(","):
-        model = str(make_model("llava", size, cache / f"llava-{size}", seed=0, reuse=True))
+    results: dict = {"kv_gb": args.kv_gb, "device": args.device, "cpu": {}}
+    models = {Path(m).name: m for m in args.model} or {
+        f"llava-{size}": str(make_model("llava", size, cache / f"llava-{size}", seed=0, reuse=True))
+        for size in args.sizes.split(",")}
+    for name, model in models.items():
         rows: dict = {}
         for role in (*ROLES, "mixed"):  # mixed: the whole model and a pool, what every worker built before
-            rows[role] = run_child(model, role, args.kv_gb)
-            print(size, role, rows[role], flush=True)
-        rows["switches"] = run_child(model, "encode", args.kv_gb, switch=True)["switches"]
-        results["cpu"][size] = rows
+            rows[role] = run_child(model, role, args.kv_gb, device=args.device, load_format=args.load_format)
+            print(name, role, rows[role], flush=True)
+        rows["switches"] = run_child(model, "encode", args.kv_gb, switch=True, device=args.device,
+                                     load_format=args.load_format)["switches"]
+        results["cpu"][name] = rows
     if args.shapes_7b:
         results["7b"] = shapes_7b()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
