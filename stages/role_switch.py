@@ -30,7 +30,7 @@ IDLE_WAIT_S = 10.0
 
 class RoleSwitchMixin:
     """Needs from its host: ``engine``, ``threads``, ``sock``, ``transfer``, ``info``, ``role``,
-    ``epoch``, ``published``, ``embed_events``, ``args``."""
+    ``epoch``, ``published``, ``embed_events``, ``args``, ``stop``."""
 
     def _enter_role(self, role: str) -> None:
         """Per-role state: an encoder keeps its embeddings pullable (``published``) and records no
@@ -50,6 +50,13 @@ class RoleSwitchMixin:
         self.role = role
 
     async def _switch_role(self, msg: m.SwitchRole) -> None:
+        try:
+            await self._switch(msg)
+        except Exception:  # noqa: BLE001 - half a switch leaves the engine in no known role
+            log.exception("role switch to %s failed; the worker exits (its supervisor starts it again)", msg.role)
+            self.stop()
+
+    async def _switch(self, msg: m.SwitchRole) -> None:
         if msg.epoch <= self.epoch:
             log.warning("ignoring a switch to %s of epoch %d (at epoch %d)", msg.role, msg.epoch, self.epoch)
             return
