@@ -223,3 +223,47 @@ def test_every_direction_under_load(dep, bodies, undisturbed, llava_dir, test_im
     took = _switch_under_load(dep, bodies, undisturbed, worker, role, drain_s)
     print(f"{worker} -> {role} under load: {took:.2f} s (streams included)")
     _serves_exact(dep, llava_dir, test_images)
+
+
+@pytest.mark.slow
+def test_switch_storm(dep, llava_dir):
+    """encode-1 flips between encode and decode at random moments while requests with new images
+    (encodes in flight, embeddings still to be pulled) keep coming: every answer equals
+    transformers', none is lost."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    rng, pick = np.random.default_rng(5), random.Random(5)
+    flips = 0
+
+    async def round_(k: int):
+        nonlocal flips
+        cases = [(f"Look #{k}.{i}", [Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8))
+                                      for _ in range(1 + i % 2)]) for i in range(6)]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+            async def one(text, imgs):
+                async with s.post(f"{dep.url}/v1/chat/completions",
+                                  json=chat_body("tiny-llava", text, imgs, return_token_ids=True)) as r:
+                    assert r.status == 200, await r.text()
+                    return (await r.json())["choices"][0]["token_ids"]
+            tasks = [asyncio.create_task(one(t, i)) for t, i in cases]
+            await asyncio.sleep(pick.uniform(0, 0.3))
+            role = {w["worker_id"]: w["role"] for w in (await (await s.get(f"{dep.url}/admin/workers",
+                                                                          headers=AUTH)).json())["workers"]}
+            status, out = await _post_role(s, dep.url, "encode-1",
+                                           {"role": "decode" if role["encode-1"] == "encode" else "encode"})
+            assert status in (202, 409), out
+            flips += status == 202
+            return cases, await asyncio.gather(*tasks)
+
+    for k in range(6):
+        cases, got = asyncio.run(round_(k))
+        for (text, imgs), ids in zip(cases, got):
+            assert ids == reference(llava_dir, text, imgs), text
+    assert flips >= 3
+    roles = {w["worker_id"]: w for w in _admin(dep.url)["workers"]}
+    if roles["encode-1"]["role"] != "encode":  # leave 2e1p1d as it was for any test after this one
+        _wait_role(dep.url, "encode-1", roles["encode-1"].get("switching_to") or roles["encode-1"]["role"],
+                   roles["encode-1"]["epoch"] + (roles["encode-1"]["role_state"] != "active"))
