@@ -138,3 +138,24 @@ def test_auto_is_transformers_on_cpu():
     with torch.no_grad():
         a, b = ref(pixels, grid_thw=grid), ours(pixels, grid_thw=grid)
     assert torch.equal(getattr(a, "pooler_output", a), getattr(b, "pooler_output", b))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_engine_greedy_with_varlen_tower(tiny_models, test_images, impl):
+    """The whole engine with our tower attention forced on (CPU): greedy ids == transformers'."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import make_llm
+    from tests.test_engine_equality import GREEDY, chat_cases, our_prompt, references
+
+    if impl == "triton":
+        pytest.importorskip("triton")
+    d = tiny_models("qwen2_5_vl")
+    llm = make_llm(d, enable_prefix_caching=False)
+    assert vision.use_varlen_attention(llm.engine.runner.model, impl) > 0
+    rng = np.random.default_rng(7)  # larger images: several windows each, edge windows too
+    big = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((200, 150), (170, 230))]
+    cases = chat_cases("qwen2_5_vl", big + list(test_images))
+    got = [o.outputs[0].token_ids for o in llm.generate([our_prompt(llm, *c) for c in cases], GREEDY)]
+    assert got == references(d, cases)
