@@ -95,6 +95,25 @@ def _dummy_weights(model: EngineModel, parts) -> Iterator[tuple[str, torch.Tenso
             yield name, torch.empty(p.shape, device=p.device, dtype=p.dtype).uniform_(-0.05, 0.05, generator=gen)
 
 
+_INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+             "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextmanager
+def _no_init():
+    """Build modules without initialising their parameters: every one is overwritten by the load
+    (``copy_named_weights`` refuses a partial load), and drawing ~100 M random values first
+    made a small model's build, and a live role switch, take seconds on a CPU."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FNS}
+    for name in _INIT_FNS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
@@ -118,7 +137,7 @@ def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
     cls = model_class(hf_config.model_type)
     parts = tuple(p for p in cls.PARTS if parts is None or p in parts)
     backend = get_attention_backend(device, attention_backend, dtype)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), _default_dtype(dtype), _no_init():
         model = cls(hf_config, backend, parts=parts)
     model.attention_backend = backend
     # What a later ``add_part`` needs to build and fill a part the same way.
@@ -147,7 +166,7 @@ def add_part(model: EngineModel, part: str) -> None:
     if part in model.parts:
         return
     _, device, dtype, _ = model.source
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), _default_dtype(dtype), _no_init():
         model.build_part(part)
     _load(model, (part,))
     model.eval()
