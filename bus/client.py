@@ -12,13 +12,16 @@
 
 Requests carry OpenAI bodies and are validated by the router exactly like
 HTTP ones; an error comes back as :class:`ClientRequestError` with the HTTP
-status the API would have given.
+status the API would have given. The operator calls of ``/admin`` are here too
+(``workers()``, ``switch_role(worker_id, role)``), behind the same admin key
+(``admin_key=`` or ``$EPD_ADMIN_KEY``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
@@ -81,6 +84,17 @@ def _delta(msg) -> Delta:
                  msg.cached_tokens, msg.logprobs)
 
 
+def _admin_call(action: str, admin_key: str | None, **args) -> m.AdminCall:
+    args = {k: v for k, v in args.items() if v is not None}
+    return m.AdminCall(uuid.uuid4().hex, action, args, admin_key or os.environ.get("EPD_ADMIN_KEY") or None)
+
+
+def _admin_body(msg) -> dict:
+    if isinstance(msg, m.ClientError):
+        raise ClientRequestError(msg.status, msg.message, msg.type)
+    return msg.body
+
+
 def _fold(rid: str, deltas) -> Completion:
     out = Completion(rid)
     for d in deltas:
@@ -95,9 +109,10 @@ def _fold(rid: str, deltas) -> Completion:
 class AsyncClient:
     """Many concurrent requests over one socket; replies are matched by request id."""
 
-    def __init__(self, address: str, model: str | None = None, timeout: float = 300.0):
+    def __init__(self, address: str, model: str | None = None, timeout: float = 300.0,
+                 admin_key: str | None = None):
         self.sock = AsyncSocket("dealer", address, bind=False, identity=f"client-{uuid.uuid4().hex}".encode())
-        self.address, self.model, self.timeout = address, model, timeout
+        self.address, self.model, self.timeout, self.admin_key = address, model, timeout, admin_key
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
 
@@ -163,6 +178,29 @@ class AsyncClient:
         finally:
             self._queues.pop("health", None)
 
+    async def workers(self) -> dict:
+        """``GET /admin/workers``: every worker's role, state, load and cost model."""
+        return await self._admin(_admin_call("workers", self.admin_key))
+
+    async def switch_role(self, worker_id: str, role: str, drain_s: float | None = None) -> dict:
+        """``POST /admin/workers/{worker_id}/role``: a live role switch; {worker_id, from, role, epoch,
+        state} once it started (ClientRequestError 400 / 401 / 404 / 409 when refused)."""
+        return await self._admin(_admin_call("switch_role", self.admin_key, worker_id=worker_id, role=role,
+                                             drain_s=drain_s))
+
+    async def _admin(self, call: m.AdminCall) -> dict:
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[call.request_id] = q
+        self._ensure_reader()
+        try:
+            await self.sock.send(call)
+            try:
+                return _admin_body(await asyncio.wait_for(q.get(), self.timeout))
+            except TimeoutError:
+                raise _silent(self.address, self.timeout) from None
+        finally:
+            self._queues.pop(call.request_id, None)
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
@@ -172,9 +210,10 @@ class AsyncClient:
 class Client:
     """Blocking client: one request at a time per instance (make one per thread)."""
 
-    def __init__(self, address: str, model: str | None = None, timeout: float = 300.0):
+    def __init__(self, address: str, model: str | None = None, timeout: float = 300.0,
+                 admin_key: str | None = None):
         self.sock = SyncSocket("dealer", address, bind=False, identity=f"client-{uuid.uuid4().hex}".encode())
-        self.address, self.model, self.timeout = address, model, timeout
+        self.address, self.model, self.timeout, self.admin_key = address, model, timeout, admin_key
 
     def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                prompt_token_ids: list[int] | None = None, model: str | None = None,
@@ -213,6 +252,22 @@ class Client:
             _, msg = self._recv()
             if isinstance(msg, m.HealthReply):
                 return msg.ready, msg.detail
+
+    def workers(self) -> dict:
+        """As :meth:`AsyncClient.workers`."""
+        return self._admin(_admin_call("workers", self.admin_key))
+
+    def switch_role(self, worker_id: str, role: str, drain_s: float | None = None) -> dict:
+        """As :meth:`AsyncClient.switch_role`."""
+        return self._admin(_admin_call("switch_role", self.admin_key, worker_id=worker_id, role=role,
+                                       drain_s=drain_s))
+
+    def _admin(self, call: m.AdminCall) -> dict:
+        self.sock.send(call)
+        while True:
+            _, msg = self._recv()
+            if getattr(msg, "request_id", None) == call.request_id:
+                return _admin_body(msg)
 
     def _recv(self):
         try:

@@ -1,7 +1,7 @@
 """Every message on the epd bus, one dataclass each (``bus.codec`` puts them on the wire).
 
-Type ids: 1-19 worker -> router, 20-39 router -> worker, 40-59 client SDK <-> router,
-60+ control broadcasts. Tensors (KV, embeddings) never ride these messages between
+Type ids: 1-19 worker -> router, 20-39 router -> worker, 40-59 client SDK <-> router
+(``bus.client_messages``, re-exported here), 60+ control broadcasts. Tensors (KV, embeddings) never ride these messages between
 workers: they move through ``transfer/``; messages carry the keys and the holder's
 addresses.
 """
@@ -359,40 +359,6 @@ class DetokenizeRequest:
     token_ids: list[int]
 
 
-# ---- client SDK <-> router ---------------------------------------------------------------------
-@message(40)
-class ClientRequest:
-    """An OpenAI request body sent over ZeroMQ; validated exactly like the HTTP one."""
-
-    request_id: str
-    kind: str  # "chat" | "completion"
-    body: dict
-
-
-@message(41)
-class ClientAbort:
-    request_id: str
-
-
-@message(42)
-class ClientError:
-    request_id: str
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-
-
-@message(43)
-class HealthQuery:
-    pass
-
-
-@message(44)
-class HealthReply:
-    ready: bool
-    detail: dict[str, Any]
-
-
 # ---- control broadcasts (PUB/SUB) --------------------------------------------------------------
 @message(60)
 class Shutdown:
@@ -406,3 +372,8 @@ class WorkerGone:
     worker_id: str
     transfer: dict[str, str]
     reason: str = ""
+
+
+# The client SDK's messages (40-59) live in their own module; they are part of this vocabulary.
+from bus.client_messages import (AdminCall, AdminReply, ClientAbort, ClientError, ClientRequest,  # noqa: E402,F401
+                                 HealthQuery, HealthReply)

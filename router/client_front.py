@@ -7,11 +7,13 @@ same core; a client that vanishes is treated like an HTTP disconnect.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 
 from bus import messages as m
 from bus.sockets import AsyncSocket, PeerGone
+from router.admin import workers_view
 from router.backend import ApiError, Backend
 from router.images import ImageResolver
 from router.limits import ApiLimits
@@ -21,8 +23,8 @@ log = logging.getLogger("epd.front")
 
 
 class ClientFront:
-    def __init__(self, backend: Backend, limits: ApiLimits):
-        self.backend, self.limits = backend, limits
+    def __init__(self, backend: Backend, limits: ApiLimits, admin_key: str | None = None):
+        self.backend, self.limits, self.admin_key = backend, limits, admin_key
         self.resolver = ImageResolver(limits)
         self.running: dict[str, asyncio.Task] = {}
 
@@ -59,6 +61,24 @@ class ClientFront:
             elif isinstance(msg, m.HealthQuery):
                 ready, detail = self.backend.health()
                 await self._reply(ident, m.HealthReply(ready, detail))
+            elif isinstance(msg, m.AdminCall):
+                await self._reply_quiet(ident, self._admin(msg))
+
+    def _admin(self, msg: m.AdminCall):
+        """The ``/admin`` routes over ZeroMQ (router.admin), behind the same admin key."""
+        try:
+            if self.admin_key is not None and not hmac.compare_digest((msg.admin_key or "").encode(),
+                                                                      self.admin_key.encode()):
+                raise ApiError(401, "Incorrect admin key provided.")
+            if msg.action == "workers":
+                return m.AdminReply(msg.request_id, workers_view(self.backend))
+            if msg.action == "switch_role":
+                a = msg.args
+                return m.AdminReply(msg.request_id, self.backend.switches.request(
+                    str(a.get("worker_id")), a.get("role"), a.get("drain_s")))
+            raise ApiError(400, f"unknown admin action {msg.action!r}; use 'workers' or 'switch_role'")
+        except ApiError as e:
+            return m.ClientError(msg.request_id, e.status, e.message, e.type)
 
     async def _reply(self, ident: bytes, msg) -> None:
         await self.sock.send(msg, to=ident)

@@ -122,7 +122,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                       switch_drain_s=args.switch_drain_s)
     core.switches.metrics = RoleSwitchMetrics(api_metrics.registry)
     await core.start(args.worker_addr, args.control_addr)
-    front = ClientFront(core, limits)
+    front = ClientFront(core, limits, admin_key=args.admin_key)
     await front.start(args.client_addr)
     app = make_app(core, limits, api_metrics, api_key=args.api_key)
     add_admin_routes(app, core, args.admin_key)

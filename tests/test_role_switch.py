@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 
 from router.serve import ROOT, Deployment, load_config
+from bus.client import AsyncClient, Client, ClientRequestError
 from tests.e2e_util import chat_body, reference
 
 pytestmark = pytest.mark.e2e
@@ -82,9 +83,9 @@ async def _stream(session, url: str, body: dict, progress: list, i: int) -> dict
     return out
 
 
-async def _run(url: str, bodies: list[dict], switch: tuple[str, dict] | None = None) -> list[dict]:
-    """Every body as a stream; ``switch`` = (worker, body) is posted once each has SWITCH_AFTER
-    tokens, and its answer is the last item."""
+async def _run(url: str, bodies: list[dict], switch: tuple | None = None) -> list[dict]:
+    """Every body as a stream; ``switch`` = (worker, body, SDK address or None) is asked for once
+    each has SWITCH_AFTER tokens, and its answer is the last item."""
     progress = [0] * len(bodies)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
         tasks = [asyncio.create_task(_stream(s, url, b, progress, i)) for i, b in enumerate(bodies)]
@@ -94,13 +95,22 @@ async def _run(url: str, bodies: list[dict], switch: tuple[str, dict] | None = N
                 await asyncio.sleep(0.01)
             ended = [(i, t.result()) for i, t in enumerate(tasks) if t.done()]
             assert not ended, f"streams ended before the switch (make them longer?): {progress} {ended}"
-            answer = await _post_role(s, url, *switch)
+            answer = await _post_role(s, url, switch[0], switch[1], sdk=switch[2])
             # A second switch of the same worker while the first is under way is refused.
-            assert (await _post_role(s, url, switch[0], {"role": "encode"}))[0] == 409
+            assert (await _post_role(s, url, switch[0], {"role": "encode"}, sdk=switch[2]))[0] == 409
         return [*(await asyncio.gather(*tasks)), answer]
 
 
-async def _post_role(s, url: str, worker: str, body, headers=AUTH) -> tuple[int, dict]:
+async def _post_role(s, url: str, worker: str, body, headers=AUTH, sdk: str | None = None) -> tuple[int, dict]:
+    """Over HTTP, or over the ZeroMQ SDK at address ``sdk``: (status, answer)."""
+    if sdk is not None:
+        c = AsyncClient(sdk, admin_key=KEY, timeout=30)
+        try:
+            return 202, await c.switch_role(worker, body["role"], body.get("drain_s"))
+        except ClientRequestError as e:
+            return e.status, {"error": {"message": e.message}}
+        finally:
+            c.close()
     data = body if isinstance(body, str) else json.dumps(body)
     async with s.post(f"{url}/admin/workers/{worker}/role", data=data, headers=headers) as r:
         return r.status, await r.json()
@@ -134,13 +144,14 @@ def _recoveries(url: str) -> float:
                                             re.M))
 
 
-def _switch_under_load(dep, bodies, undisturbed, worker: str, role: str, drain_s: float | None = None) -> float:
+def _switch_under_load(dep, bodies, undisturbed, worker: str, role: str, drain_s: float | None = None,
+                       sdk: bool = False) -> float:
     """Switch ``worker`` to ``role`` with the streams in flight; returns the switch's seconds."""
     before = {w["worker_id"]: w for w in _admin(dep.url)["workers"]}[worker]
     moved = _recoveries(dep.url)
     body = {"role": role, **({"drain_s": drain_s} if drain_s is not None else {})}
     t0 = time.monotonic()
-    *got, (status, answer) = asyncio.run(_run(dep.url, bodies, (worker, body)))
+    *got, (status, answer) = asyncio.run(_run(dep.url, bodies, (worker, body, dep.client_addr if sdk else None)))
     assert status == 202, answer
     assert answer["epoch"] == before["epoch"] + 1 and answer["from"] == before["role"] and answer["role"] == role
     for i, (g, w) in enumerate(zip(got, undisturbed)):
@@ -195,6 +206,19 @@ def test_refusals(dep):
             assert (await _post_role(s, url, "encode-0", {"role": "encode"}))[0] == 409  # already one
 
     asyncio.run(run())
+    # The same over the ZeroMQ SDK, behind the same key.
+    c = Client(dep.client_addr, timeout=30)
+    for call, status in ((lambda: c.workers(), 401), (lambda: c.switch_role("decode-0", "prefill"), 401)):
+        with pytest.raises(ClientRequestError) as e:
+            call()
+        assert e.value.status == status
+    c.admin_key = KEY
+    assert {w["worker_id"] for w in c.workers()["workers"]} == {"encode-0", "encode-1", "prefill-0", "decode-0"}
+    for args, status in ((("nobody-7", "decode"), 404), (("encode-0", "boss"), 400), (("decode-0", "encode"), 409)):
+        with pytest.raises(ClientRequestError) as e:
+            c.switch_role(*args)
+        assert e.value.status == status, args
+    c.close()
     assert all(w["role_state"] == "active" and w["epoch"] == 0 for w in _admin(dep.url)["workers"])
 
 
@@ -210,6 +234,7 @@ def test_encode_to_decode_under_load(dep, bodies, undisturbed, llava_dir, test_i
 # Every other direction, in an order that always leaves each role a live worker, ending where
 # 2e1p1d began. decode-0 -> prefill hands its long decodes to encode-1 (a decoder since the test
 # above) at once (a drain deadline of 0): the recovery path, no token lost or duplicated.
+# prefill-0 -> prefill is asked for over the ZeroMQ SDK.
 CYCLE = [("decode-0", "prefill", 0), ("prefill-0", "encode", None), ("prefill-0", "prefill", None),
          ("decode-0", "decode", None), ("encode-1", "encode", None)]
 
@@ -220,7 +245,8 @@ def test_every_direction_under_load(dep, bodies, undisturbed, llava_dir, test_im
     roles = {w["worker_id"]: w["role"] for w in _admin(dep.url)["workers"]}
     if roles["encode-1"] != "decode" and worker != "encode-1":
         test_encode_to_decode_under_load(dep, bodies, undisturbed, llava_dir, test_images)  # run alone (-k)
-    took = _switch_under_load(dep, bodies, undisturbed, worker, role, drain_s)
+    took = _switch_under_load(dep, bodies, undisturbed, worker, role, drain_s,
+                              sdk=(worker, role) == ("prefill-0", "prefill"))
     print(f"{worker} -> {role} under load: {took:.2f} s (streams included)")
     _serves_exact(dep, llava_dir, test_images)
 
