@@ -99,13 +99,17 @@ class Planner:
         self.flights = flights
         self.slo = slo or Slo()
         self.costs: dict[tuple[str, str], WorkerCost] = {}  # (worker id, incarnation) -> model
-        # Per prefill-capable worker, apart for requests with an E stage (its extra hops and pulls):
-        # actual TTFT - modelled (the hops, transfers, tokenization and queueing no step timing
-        # sees; negative when the profile ran on a busier device), added to its TTFT predictions;
-        # per decode-capable worker the same of TPOT. Each a running median (``OFFSET_WINDOW``).
+        # Actual TTFT - modelled (the hops, transfers, tokenization and queueing no step timing
+        # sees; negative when the profiles ran on a busier host), added to every TTFT prediction:
+        # one for requests with an E stage (its extra hops and pulls), one without; the same of
+        # TPOT. Each a running median (``OFFSET_WINDOW``). Shared by the workers, not one each:
+        # what sets one worker apart (its speed, its queue) is measured by its steps; a per-worker
+        # offset made an unlucky first request (descheduled: 10x its prediction) price that worker
+        # out, and a worker sent nothing never learns it was wrong (seen: the fast prefill worker
+        # of two got 9 of 96 requests).
         self.overhead: dict[str, float] = {}
         self.tpot_overhead: dict[str, float] = {}
-        self._residuals: dict[tuple[str, str], deque] = {}
+        self._residuals: dict[str, deque] = {}
         self._sizer: PromptSizer | None = None
         self._sizer_dir: str | None = None
         self.index = None  # the cluster index (``router.cluster_index``), set by the core
@@ -220,7 +224,7 @@ class Planner:
         plan.prefill = prefill.worker_id
         plan.work[prefill.worker_id] = encode + prefill_s
         raw = max(queue, images_ready) + encode + prefill_s
-        plan.overhead_s = max(self.overhead.get(_offset_key(prefill.worker_id, plan), 0.0), -0.9 * raw)
+        plan.overhead_s = max(self.overhead.get(_offset_key(plan), 0.0), -0.9 * raw)
         plan.ttft_s = raw + plan.overhead_s
         plan.parts = {"queue": queue, "images": images_ready, "encode": encode, "prefill": prefill_s,
                       "overhead": plan.overhead_s}
@@ -229,7 +233,7 @@ class Planner:
         seqs, ctx = self.decode_load(target)
         plan.decode = decode.worker_id if decode is not None else None
         raw = self.cost(target).decode_step_s(seqs + 1, ctx + size.prompt_tokens + max_tokens // 2)
-        plan.tpot_overhead_s = max(self.tpot_overhead.get(target.worker_id, 0.0), -0.9 * raw)
+        plan.tpot_overhead_s = max(self.tpot_overhead.get("tpot", 0.0), -0.9 * raw)
         plan.tpot_s = raw + plan.tpot_overhead_s
 
     def least_wait(self, x) -> float:
@@ -242,26 +246,26 @@ class Planner:
         return wait
 
     def first_token(self, plan: Plan, ttft_s: float) -> None:
-        """A planned request's actual TTFT: learn its prefill worker's overhead."""
+        """A planned request's actual TTFT: learn the TTFT offset."""
         if plan.prefill is None:
             return
-        self._learn(self.overhead, "ttft", _offset_key(plan.prefill, plan), ttft_s - (plan.ttft_s - plan.overhead_s))
+        self._learn(self.overhead, _offset_key(plan), ttft_s - (plan.ttft_s - plan.overhead_s))
 
     def finished(self, plan: Plan, tpot_s: float) -> None:
-        """A planned request's actual TPOT: learn its decode worker's offset."""
+        """A planned request's actual TPOT: learn the TPOT offset."""
         worker = plan.decode or plan.prefill
         if worker is not None:
-            self._learn(self.tpot_overhead, "tpot", worker, tpot_s - (plan.tpot_s - plan.tpot_overhead_s))
+            self._learn(self.tpot_overhead, "tpot", tpot_s - (plan.tpot_s - plan.tpot_overhead_s))
 
     def meets(self, plan: Plan, slo: Slo) -> bool:
         return slo.tpot_s is None or plan.tpot_s <= slo.tpot_s
 
-    def _learn(self, table: dict[str, float], kind: str, key: str, residual: float) -> None:
-        window = self._residuals.setdefault((kind, key), deque(maxlen=OFFSET_WINDOW))
+    def _learn(self, table: dict[str, float], key: str, residual: float) -> None:
+        window = self._residuals.setdefault(key, deque(maxlen=OFFSET_WINDOW))
         window.append(residual)
         table[key] = statistics.median(window)
 
 
-def _offset_key(worker: str, plan: Plan) -> str:
+def _offset_key(plan: Plan) -> str:
     """Requests whose images an encode worker ran pay its hops and pulls: learned apart."""
-    return f"{worker}+E" if any(plan.encoders) else worker
+    return "ttft+E" if any(plan.encoders) else "ttft"

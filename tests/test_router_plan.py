@@ -279,7 +279,28 @@ def test_ttft_overhead_is_learned_from_first_tokens():
     plan = Plan(RequestSize(10), prefill="p0", ttft_s=0.01)
     for i in range(60):
         planner.first_token(plan, 2.0 if i % 5 == 0 else 0.05)  # every fifth one descheduled
-    assert planner.overhead["p0"] == pytest.approx(0.04, rel=1e-3)  # the typical offset, not the mean's
+    assert planner.overhead["ttft"] == pytest.approx(0.04, rel=1e-3)  # the typical offset, not the mean's
     with_e = Plan(RequestSize(10), ["e0"], prefill="p0", ttft_s=0.01)
     planner.first_token(with_e, 0.11)
-    assert planner.overhead["p0+E"] == pytest.approx(0.1) and planner.overhead["p0"] == pytest.approx(0.04)
+    assert planner.overhead["ttft+E"] == pytest.approx(0.1) and planner.overhead["ttft"] == pytest.approx(0.04)
+
+
+def test_one_slow_first_token_does_not_price_its_worker_out():
+    """The offset is the deployment's, not a worker's: after p-fast's first request was
+    descheduled (100x its prediction), the next request still goes to p-fast."""
+    async def main():
+        core, w = await _deployment({"prefill": [("p-fast", FAST), ("p-slow", SLOW)], "decode": [("d0", FAST)]})
+        task = asyncio.create_task(core.generate(_chat("r1", [])).__anext__())
+        await _until(lambda: w["p-fast"].of(m.GenerateRequest))
+        plan = core.flights["r1"].plan
+        core.planner.first_token(plan, 100 * plan.ttft_s + 1.0)
+        task2 = asyncio.create_task(core.generate(_chat("r2", [])).__anext__())
+        await _until(lambda: "r2" in core.flights and core.flights["r2"].plan is not None)
+        assert core.flights["r2"].plan.prefill == "p-fast"
+        for t in (task, task2):
+            t.cancel()
+        for x in w.values():
+            x.close()
+        await core.close()
+
+    asyncio.run(main())
