@@ -4,7 +4,9 @@ For each model, one child process per role (encode, prefill, decode) builds the 
 worker of that role builds it now, and one builds it with ``role=mixed``: the whole model and a
 KV pool, what every worker built before, whatever its role. Each reports the bytes of its
 weights and KV pool and its peak RSS (``ru_maxrss``), and the RSS after importing torch and
-transformers but before building (the baseline every worker pays). A last child per model
+transformers but before building (the baseline every worker pays); the table gives RSS over that
+baseline, once the engine is built and at its peak (loading maps the safetensors pages it reads,
+so the peak holds the role's weights twice for a moment). A last child per model
 switches one engine encode -> decode -> prefill -> encode and times each switch.
 
 ``--shapes-7b`` adds the Qwen2.5-VL-7B shapes: parameter bytes per role in bfloat16, counted on
@@ -35,6 +37,7 @@ def _rss_now_kb() -> int:
 
 
 def child(model: str, role: str, kv_gb: float, switch: bool, device: str, load_format: str) -> dict:
+    import gc
     import resource
     import time
 
@@ -48,7 +51,9 @@ def child(model: str, role: str, kv_gb: float, switch: bool, device: str, load_f
     t0 = time.perf_counter()
     eng = LLMEngine(EngineConfig(model=model, role=role, kv_cache_memory_gb=kv_gb, device=device,
                                  load_format=load_format, cuda_graphs=False))
-    out = dict(eng.runner.memory(), build_s=round(time.perf_counter() - t0, 2), base_rss_kb=base_kb,
+    build_s = round(time.perf_counter() - t0, 2)
+    gc.collect()
+    out = dict(eng.runner.memory(), build_s=build_s, base_rss_kb=base_kb, rss_kb=_rss_now_kb(),
                peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     if eng.device.type == "cuda":
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(eng.device)
@@ -101,26 +106,30 @@ def shapes_7b() -> list[dict]:
 
 
 def _row(name: str, role: str, r: dict) -> str:
-    peak = f" {r['peak_cuda_bytes'] / MIB:.0f} (CUDA) |" if "peak_cuda_bytes" in r else ""
+    peak = f" {r['peak_cuda_bytes'] / MIB:.0f} |" if "peak_cuda_bytes" in r else ""
     return (f"| {name} | {role} | {r['weights_bytes'] / MIB:.1f} | {r['kv_bytes'] / MIB:.1f} | "
-            f"{r['peak_rss_kb'] / 1024:.0f} | {(r['peak_rss_kb'] - r['base_rss_kb']) / 1024:.0f} | {r['build_s']} |{peak}")
+            f"{(r['rss_kb'] - r['base_rss_kb']) / 1024:.0f} | {(r['peak_rss_kb'] - r['base_rss_kb']) / 1024:.0f} | "
+            f"{r['build_s']} |{peak}")
 
 
 def table(results: dict) -> str:
     cuda = results.get("device", "cpu").startswith("cuda")
-    lines = ["| model | worker | weights MiB | KV pool MiB | peak RSS MiB | peak RSS over baseline MiB | build s |"
+    lines = ["| model | worker | weights MiB | KV pool MiB | RSS after start MiB | peak RSS MiB | build s |"
              + (" peak CUDA MiB |" if cuda else ""), "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
     for name, rows in results["cpu"].items():
         for role in ROLES:
             lines.append(_row(name, f"{role} (role-aware)", rows[role]))
         lines.append(_row(name, "any role before (whole model + pool)", rows["mixed"]))
-        aware = [rows[r] for r in ROLES]
-        over = sum(r["peak_rss_kb"] - r["base_rss_kb"] for r in aware) / 1024
+        aware, w = [rows[r] for r in ROLES], rows["mixed"]
+
+        def over(rs, key):
+            return sum(r[key] - r["base_rss_kb"] for r in rs) / 1024
+
         lines.append(f"| {name} | 1e1p1d total, role-aware | {sum(r['weights_bytes'] for r in aware) / MIB:.1f} | "
-                     f"{sum(r['kv_bytes'] for r in aware) / MIB:.1f} | | {over:.0f} | |")
-        w = rows["mixed"]
+                     f"{sum(r['kv_bytes'] for r in aware) / MIB:.1f} | {over(aware, 'rss_kb'):.0f} | "
+                     f"{over(aware, 'peak_rss_kb'):.0f} | |")
         lines.append(f"| {name} | 1e1p1d total, before | {3 * w['weights_bytes'] / MIB:.1f} | "
-                     f"{3 * w['kv_bytes'] / MIB:.1f} | | {3 * (w['peak_rss_kb'] - w['base_rss_kb']) / 1024:.0f} | |")
+                     f"{3 * w['kv_bytes'] / MIB:.1f} | {3 * over([w], 'rss_kb'):.0f} | {3 * over([w], 'peak_rss_kb'):.0f} | |")
         sw = ", ".join(f"-> {s['role']} {s['switch_s']} s" + (f" ({s['cuda_bytes'] / MIB:.0f} MiB held)"
                                                               if "cuda_bytes" in s else "") for s in rows["switches"])
         lines.append(f"| {name} | live switch from encode: {sw} | | | | | |")
