@@ -103,7 +103,8 @@ _INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zero
 def _no_init():
     """Build modules without initialising their parameters: every one is overwritten by the load
     (``copy_named_weights`` refuses a partial load), and drawing ~100 M random values first
-    made a small model's build, and a live role switch, take seconds on a CPU."""
+    made a small model's build, and a live role switch, take seconds on a CPU. The patch is
+    process-wide while it lasts; in a worker only the engine thread builds modules."""
     saved = {name: getattr(torch.nn.init, name) for name in _INIT_FNS}
     for name in _INIT_FNS:
         setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
