@@ -32,11 +32,8 @@ turn of the event loop, and awaited together. The holder never keeps a receive
 posted for the next request: it probes for the request tag whenever the worker
 was progressed (``_serve``), so an idle backend costs nothing.
 
-Endpoints belong to the process (as its UCX worker does) and live as long as
-it, shared by its backends: UCX pairs the endpoints of two workers, and
-aborting one breaks the rendezvous of messages sent through its twin. So a
-puller numbers its endpoints and a holder that sees a new number answers
-through a fresh endpoint (``_reply_peer``).
+Endpoints belong to the process and are shared by its backends, numbered, and
+dropped without blocking the loop: ``transfer.ucx_endpoints``.
 
 Error handling off means UCX never reports a dead peer; deadlines do. (On
 one host, UCX's only transports with peer error handling are tcp ones, 3x
@@ -63,7 +60,6 @@ import os
 import secrets
 import struct
 import sys
-import weakref
 
 import msgpack
 import numpy as np
@@ -71,6 +67,7 @@ import torch
 
 from transfer.base import KeyNotFound, TransferBackend, TransferError, TransferTimeout
 from transfer.ucx_buffers import fresh, inline_bytes, send_buffer, ucx_buffer
+from transfer.ucx_endpoints import Peer, abort, get_peer, peers, release, reply_peer, skip_closes_at_exit
 from transfer.ucx_progress import POLL_CUDA_S, Progress, progress
 from transfer.wire import VERSION, describe, dtype_from_name, from_buffer, nbytes, numel
 
@@ -82,13 +79,10 @@ _CTRL_BYTES = 64 << 10  # a request or a reply header: a key, an address, a few 
 _REQUEST_BIT = 1 << 63
 _FRAME_BITS = 16  # tag = pull tag base | (1 + tensor index)
 _MAX_TENSORS = (1 << _FRAME_BITS) - 2
-_CLOSE_WAIT_S = 30.0  # an aborted endpoint's close may wait this long for its peer's answer
-_closing: set = set()  # tasks finishing aborts (referenced: the loop keeps only weak ones)
 _GRACE_S = 2.0  # a holder sends for the puller's timeout plus this, then gives up
 _INLINE_BYTES = 8 << 10  # payloads up to this ride in the reply header
 # Tag bases of this process's pulls: never reused, so a late reply matches nothing.
 _pull_tags = itertools.count(1)
-_epochs = itertools.count(1)  # numbers this process's endpoints (see _reply_peer)
 
 
 class UcxUnavailable(TransferError):
@@ -118,7 +112,7 @@ def start_ucx():
         raise UcxUnavailable(f"UCX did not start: {type(e).__name__}: {e}; {INSTALL_HINT}") from None
     global _ucxx, _Array, _Tag, _TagMaskFull
     if _ucxx is None:
-        atexit.register(_skip_endpoint_closes_at_exit)  # runs before the finalizers ucxx registered
+        atexit.register(skip_closes_at_exit)  # runs before the finalizers ucxx registered
     from ucxx._lib.arr import Array
     from ucxx.types import Tag, TagMaskFull
 
@@ -215,146 +209,6 @@ def _split_address(address: str) -> tuple[int, bytes]:
         return _REQUEST_BIT | int(sid, 16), base64.urlsafe_b64decode(addr)
     except (ValueError, TypeError):
         raise TransferError(f"not a ucx address: {address!r}") from None
-
-
-class _Peer:
-    """One endpoint to one remote worker, shared by pulls from it and replies to it."""
-
-    def __init__(self, ep):
-        self.ep = ep
-        self.users = 0
-        self.condemned = False  # a reply's deadline passed on it: abort once nobody uses it
-        self.keep: list = []  # buffers UCX may still read or write until the abort
-        self.closing = False  # _abort began
-        self.epoch = next(_epochs)
-        self.peer_epoch: int | None = None  # the epoch of the peer's endpoint to us, as last seen
-
-
-# This process's endpoints, by remote worker address (see the module docstring).
-_peers: dict[bytes, _Peer] = {}
-_connecting: dict[bytes, asyncio.Future] = {}
-
-
-async def _peer(ucx, worker_address: bytes) -> _Peer:
-    peer = _peers.get(worker_address)
-    if peer is not None:
-        return peer
-    pending = _connecting.get(worker_address)
-    if pending is None or pending.get_loop() is not asyncio.get_running_loop():
-        pending = asyncio.ensure_future(_connect(ucx, worker_address))
-        _connecting[worker_address] = pending
-        pending.add_done_callback(lambda f: _connecting.pop(worker_address, None)
-                                  if _connecting.get(worker_address) is f else None)
-    return await asyncio.shield(pending)
-
-
-async def _connect(ucx, worker_address: bytes) -> _Peer:
-    try:
-        remote = ucx.get_ucx_address_from_buffer(worker_address)
-        ep = await ucx.create_endpoint_from_worker_address(remote, endpoint_error_handling=False)
-    except Exception as e:  # noqa: BLE001 - a bad or unreachable address
-        # On one host UCX maps the peer's shared memory at once: a dead peer fails here, fast.
-        raise TransferError(f"no UCX endpoint to the peer (dead?): {type(e).__name__}: {e}") from None
-    _progress().kick()  # the endpoint's wire-up messages
-    peer = _peers[worker_address] = _Peer(ep)
-    return peer
-
-
-async def _reply_peer(ucx, worker_address: bytes, epoch: object) -> _Peer:
-    """The endpoint to answer a puller whose own endpoint to us has number ``epoch``.
-
-    UCX pairs our endpoint with one of the puller's; once the puller aborted
-    that one (after a timeout, or ``forget_peer``) our rendezvous sends would
-    fail on its side. A new number means it did: make a fresh endpoint, paired anew.
-    """
-    peer = await _peer(ucx, worker_address)
-    if peer.peer_epoch is not None and peer.peer_epoch != epoch:
-        if peer.users == 0:
-            _abort(worker_address, peer)
-        else:
-            peer.condemned = True
-            _peers.pop(worker_address, None)
-        peer = await _peer(ucx, worker_address)
-    peer.peer_epoch = epoch
-    return peer
-
-
-def _release(worker_address: bytes, peer: _Peer) -> None:
-    peer.users -= 1
-    if peer.condemned and peer.users == 0:
-        _abort(worker_address, peer)
-
-
-def _abort(worker_address: bytes, peer: _Peer) -> None:
-    """Drop the endpoint: closed without blocking the loop, then aborted (cancelling its receives).
-
-    ucxx's ``abort()`` alone progresses the worker until the peer acknowledged
-    the close: an event loop stuck for as long as a wedged (alive, busy) peer
-    stays silent. So the close is posted first and awaited on the loop (bounded
-    by ``_CLOSE_WAIT_S``); the abort after it finds nothing to wait for, and
-    cancels the receives still posted, whose buffers ``keep`` held until then.
-    """
-    if _peers.get(worker_address) is peer:
-        del _peers[worker_address]
-    if peer.closing:
-        return
-    peer.closing = True
-    try:
-        loop = asyncio.get_running_loop()
-        inner = peer.ep._ep
-        closed = inner.close() if inner is not None else None
-    except Exception as e:  # noqa: BLE001 - no loop (interpreter exit), or UCX refused: abort now
-        log.debug("closing an endpoint: %s", e)
-        _finish_abort(peer)
-        return
-    _progress().kick()
-    if closed is None:
-        _finish_abort(peer)
-        return
-    task = loop.create_task(_abort_once_closed(peer, closed))
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
-
-
-async def _abort_once_closed(peer: _Peer, closed) -> None:
-    try:
-        async with asyncio.timeout(_CLOSE_WAIT_S):
-            await _progress().wait([closed])
-    except Exception as e:  # noqa: BLE001 - a failed or late close
-        log.debug("closing an endpoint: %s", type(e).__name__)
-    if closed.completed:
-        _finish_abort(peer)
-    else:
-        # The peer lives but never answers: an abort would block the loop for good. Leave the
-        # endpoint be (its buffers with it) rather than stop this process.
-        log.warning("a UCX peer did not answer an endpoint close in %gs; leaving the endpoint", _CLOSE_WAIT_S)
-
-
-def _skip_endpoint_closes_at_exit() -> None:
-    """At interpreter exit, spare the endpoints ucxx's close: it blocks until each peer answers.
-
-    A peer alive but silent (wedged, or a process with no loop running) would hold
-    this process's exit for good; with error handling off the peers notice nothing
-    either way, and the worker's own teardown releases what the endpoints hold.
-    """
-    from ucxx._lib_async.endpoint import _finalizer
-
-    for fin in list(getattr(weakref.finalize, "_registry", {})):
-        info = fin.peek()
-        if info is not None and info[1] is _finalizer:
-            fin.detach()
-
-
-def _finish_abort(peer: _Peer) -> None:
-    try:
-        peer.ep.abort()  # cancels the receives and sends still posted on it
-    except Exception as e:  # noqa: BLE001
-        log.debug("aborting an endpoint: %s", e)
-    peer.keep.clear()
-    try:
-        _progress().kick()  # the cancellations complete in a progress
-    except RuntimeError:  # no running loop (interpreter exit)
-        pass
 
 
 def _start_now(coro, loop) -> asyncio.Task:
@@ -455,7 +309,7 @@ class UcxBackend(TransferBackend):
                           "msg": f"{type(e).__name__}: {e}"}
                 buffers = []
         try:
-            peer = await _reply_peer(self._ucx, reply, req.get("ep"))
+            peer = await reply_peer(self._ucx, reply, req.get("ep"))
         except TransferError as e:
             log.warning("cannot answer a ucx pull of %r: %s", key, e)
             return
@@ -476,7 +330,7 @@ class UcxBackend(TransferBackend):
             log.info("ucx reply for %r not delivered: %s", key, type(e).__name__)
             return
         finally:
-            _release(reply, peer)
+            release(reply, peer)
         if header["ok"]:
             self.bytes_sent += sum(nbytes(t) for t in tensors)
             self.pulls_served += 1
@@ -490,12 +344,12 @@ class UcxBackend(TransferBackend):
         req_tag, worker_address = _split_address(peer_address)
         tag = next(_pull_tags) << _FRAME_BITS
         dev = torch.device(device)
-        peer: _Peer | None = None
+        peer: Peer | None = None
         posted: list = []  # UCX requests, done or not
         hbuf, request, buffers = None, None, []
         try:
             async with asyncio.timeout(timeout):
-                peer = await _peer(self._ucx, worker_address)
+                peer = await get_peer(self._ucx, worker_address)
                 peer.users += 1
                 hbuf = np.empty(_CTRL_BYTES, dtype=np.uint8)
                 # Post the header receive first: the reply never waits in UCX's unexpected queue.
@@ -527,7 +381,7 @@ class UcxBackend(TransferBackend):
                     # endpoint is aborted, so they stay alive until then.
                     peer.keep += [hbuf, request, *buffers]
                     peer.condemned = True
-                _release(worker_address, peer)
+                release(worker_address, peer)
         self.bytes_received += sum(nbytes(t) for t in tensors)
         self.pulls_done += 1
         return tensors
@@ -565,9 +419,9 @@ class UcxBackend(TransferBackend):
     async def forget_peer(self, peer_address: str) -> None:
         """Drop the endpoint to a peer the bus reported gone."""
         _, worker_address = _split_address(peer_address)
-        peer = _peers.get(worker_address)
+        peer = peers.get(worker_address)
         if peer is not None:
-            _abort(worker_address, peer)
+            abort(worker_address, peer)
 
     async def close(self) -> None:
         if self._closed or self._server is None:
