@@ -227,6 +227,9 @@ class Deployment:
                 api_args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
         api_args += cluster_cache_args(router_cfg.get("cluster_cache"))
         api_args += slo_args(router_cfg)
+        if router_cfg.get("autoscale") not in (None, False):  # {enabled, interval_s, ...}: router.autoscale
+            api_args += ["--autoscale", json.dumps(router_cfg["autoscale"] if isinstance(router_cfg["autoscale"], dict)
+                                                   else {"enabled": bool(router_cfg["autoscale"])})]
         admin_key = router_cfg.get("admin_key")
         return ([sys.executable, "-m", "router.server", "--served-model-name", self.name,
                  "--host", self.host, "--port", str(self.port), "--worker-addr", self.worker_addr,

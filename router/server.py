@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import signal
 from aiohttp import web
 
 from router.admin import add_admin_routes
+from router.autoscale import AutoscaleConfig, Autoscaler
 from router.api import make_app
 from router.client_front import ClientFront
 from router.cluster_index import MAX_ALIASES, MAX_EMBEDDING_ENTRIES, MAX_KV_ENTRIES
@@ -91,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--switch-drain-s", type=float, default=30.0,
                     help="a live role switch lets the worker's running requests finish this long, then hands "
                          "what is left to other workers")
+    ap.add_argument("--autoscale", default=None, metavar="JSON",
+                    help="router.autoscale as JSON, e.g. '{\"interval_s\": 2, \"cooldown_s\": 20}': move workers "
+                         "between encode, prefill and decode as the load shifts (router.autoscale); default off")
     ap.add_argument("--max-body-mb", type=float, default=32, help="largest request body, MiB")
     ap.add_argument("--max-images", type=int, default=8, help="images per request")
     ap.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per image")
@@ -122,6 +127,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                       switch_drain_s=args.switch_drain_s)
     core.switches.metrics = RoleSwitchMetrics(api_metrics.registry)
     await core.start(args.worker_addr, args.control_addr)
+    autoscale = AutoscaleConfig.from_dict(json.loads(args.autoscale)) if args.autoscale else AutoscaleConfig()
+    if autoscale.enabled:
+        core.autoscaler = Autoscaler(core, autoscale, api_metrics.registry)
+        core._spawn(core.autoscaler.run())
     front = ClientFront(core, limits, admin_key=args.admin_key)
     await front.start(args.client_addr)
     app = make_app(core, limits, api_metrics, api_key=args.api_key)
