@@ -16,7 +16,8 @@ Inputs:
               ($EPD_CACHE/profiles/*.json, written by each worker at start-up) or the JSON of
               the router's GET /admin/workers. The first with "step" prices prefill/decode
               steps, the first with "encode" prices encodes. Default: the newest step and
-              encode profiles in the cache (named on stderr).
+              encode profiles in the cache (named on stderr). --corrected applies the
+              router's online correction shown by /admin/workers (the load of the moment).
   devices     --devices N: every split of N into e/p/d workers (p, d >= 1), and aggregated
               (mixed) workers with or without encoders; or name them with --splits 2e1p1d,3m.
 
@@ -51,8 +52,9 @@ def profile_dir() -> Path:
     return Path(os.environ.get("EPD_CACHE", Path.home() / ".cache" / "epd")) / "profiles"
 
 
-def load_profiles(paths: list[str]) -> tuple[dict, dict]:
-    """(spec with "step", spec with "encode") from profile files or /admin/workers JSON."""
+def load_profiles(paths: list[str], corrected: bool = False) -> tuple[dict, dict]:
+    """(spec with "step", spec with "encode") from profile files or /admin/workers JSON (with
+    ``corrected``, times the router's online correction it shows)."""
     specs = []
     if not paths:
         files = sorted(profile_dir().glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -64,7 +66,16 @@ def load_profiles(paths: list[str]) -> tuple[dict, dict]:
             specs.append(json.loads(hit.read_text()))
     for p in paths:
         doc = json.loads(Path(p).read_text())
-        specs += [w["cost_model"] for w in doc["workers"] if w.get("cost_model")] if "workers" in doc else [doc]
+        if "workers" not in doc:
+            specs.append(doc)
+            continue
+        # /admin/workers fills what a worker did not measure with the router's defaults: only
+        # what it measured (it counts its samples) stands for the hardware.
+        for w in doc["workers"]:
+            cm = w.get("cost_model") or {}
+            specs.append({**cm, "step": cm.get("step") if cm.get("step_samples") else None,
+                          "encode": cm.get("encode") if cm.get("encode_samples") else None,
+                          "correction": cm.get("correction") if corrected else None})
     step = next((s for s in specs if s.get("step")), None)
     encode = next((s for s in specs if s.get("encode")), None)
     if step is None:
@@ -187,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="model directory: count tokens as the router does")
     ap.add_argument("--image-tokens", type=int, default=576, help="tokens per image without --model")
     ap.add_argument("--profile", action="append", default=[], help="profile JSON or /admin/workers JSON (repeat)")
+    ap.add_argument("--corrected", action="store_true",
+                    help="with /admin/workers JSON: apply the router's online correction (actual / predicted) "
+                         "to the profiles: the costs as the running deployment sees them")
     ap.add_argument("--policy", default="slo_aware", help="router policy: slo_aware, least_loaded, round_robin")
     ap.add_argument("--slo-ttft-ms", type=float, required=True)
     ap.add_argument("--slo-tpot-ms", type=float, required=True)
@@ -204,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         splits = all_splits(args.devices)
     else:
         ap.error("give --devices N or --splits")
-    step, encode = load_profiles(args.profile)
+    step, encode = load_profiles(args.profile, args.corrected)
     trace = build_trace(args, Sizer(args.model, args.image_tokens))
     planner = Planner(args, trace, step, encode)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else []

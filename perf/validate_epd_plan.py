@@ -18,13 +18,15 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import sys
 import urllib.request
 from pathlib import Path
 
 from perf.epd_bench import datasets
 from perf.epd_bench.load import run_load
 from perf.epd_bench.metrics import goodput
-from perf.epd_plan import GOOD, Planner, Sizer
+from perf.epd_plan import GOOD, Planner, Sizer, load_profiles
 from router.plan import Slo
 from router.plan_sim import SimRequest, Split
 from router.serve import ROOT, Deployment, free_port, load_config
@@ -40,6 +42,7 @@ def trace_args(args) -> argparse.Namespace:
 
 
 def measure(args) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the deployment on a kill, too
     model = str(Path(args.model).expanduser())
     tok = datasets.load_tokenizer(model)
     out = Path(args.out)
@@ -63,15 +66,21 @@ def measure(args) -> None:
                                                "prompt": r.prompt_tokens, "images": r.n_images} for r in load.results]
                 ok = [r for r in load.results if r.ok]
                 print(name, rate, f"{len(ok)}/{len(reqs)} ok, wall {load.wall_s:.1f} s", flush=True)
+            with urllib.request.urlopen(f"{dep.url}/admin/workers", timeout=10) as r:
+                result["admin_workers_after"] = json.loads(r.read())  # with the router's corrections
         finally:
             dep.stop()
         (out / f"{name}.json").write_text(json.dumps(result))
 
 
-def profiles(admin_workers: dict) -> tuple[dict, dict]:
-    """(step spec, encode spec) from a GET /admin/workers answer."""
-    specs = [w["cost_model"] for w in admin_workers["workers"] if w.get("cost_model")]
-    return (next((s for s in specs if s.get("step")), {}), next((s for s in specs if s.get("encode")), {}))
+def profiles(admin_workers: dict, corrected: bool) -> tuple[dict, dict]:
+    """(step spec, encode spec) from a GET /admin/workers answer, as epd-plan reads it."""
+    tmp = Path(f"/tmp/epd-plan-workers-{os.getpid()}.json")
+    tmp.write_text(json.dumps(admin_workers))
+    try:
+        return load_profiles([str(tmp)], corrected)
+    finally:
+        tmp.unlink()
 
 
 def measured_attainment(records: list[dict], slo: Slo) -> float:
@@ -83,35 +92,39 @@ def table(args) -> None:
     slo = Slo(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     results = [json.loads(p.read_text()) for p in sorted(Path(args.dir).glob("*.json"))]
     results = [r for r in results if "admin_workers" in r]
-    costs = {r["config"]: profiles(r["admin_workers"]) for r in results}
-    # 1p1d's prefill worker profiles no encode (it builds its vision tower on first need): its
-    # encodes are priced by another split's encode worker (the same thread count on this host).
-    spare = next((enc for _, enc in costs.values() if enc), {})
     image_tokens = Sizer(args.model, 576).image(224, 224)
     rows = []
-    for res in results:
-        step, encode = costs[res["config"]]
-        plan_args = argparse.Namespace(**vars(trace_args(args)), slo_ttft_ms=args.slo_ttft_ms,
-                                       slo_tpot_ms=args.slo_tpot_ms, policy="slo_aware", handoff_ms=args.handoff_ms,
-                                       hop_ms=args.hop_ms, host_cores=res["cores"], threads=None, max_rate=1000.0)
-        split = Split.parse(res["split"])
-        rates = sorted(float(r) for r in res["rates"])
-        meas, pred, planner = {}, {}, None
-        for r in rates:
-            recs = res["rates"][str(r)]
-            # The requests as sent: the server's prompt count (images expanded), images, outputs.
-            trace = [SimRequest(x["prompt"] or 1, [image_tokens] * x["images"], max(x["out"], 1)) for x in recs]
-            planner = Planner(plan_args, trace, step, encode or spare)
-            meas[r] = measured_attainment(recs, slo)
-            pred[r] = planner.attainment(split, r)
-        rows.append({"config": res["config"], "measured": meas, "predicted": pred,
-                     "goodput_measured": goodput(list(meas.items()), GOOD),
-                     "goodput_predicted_at_rates": goodput(list(pred.items()), GOOD),
-                     "goodput_predicted": round(planner.goodput(split), 3)})
+    for kind, key, corrected in (("profile", "admin_workers", False), ("corrected", "admin_workers_after", True)):
+        costs = {r["config"]: profiles(r[key], corrected) for r in results if key in r}
+        # 1p1d's prefill worker profiles no encode (it builds its vision tower on first need): its
+        # encodes are priced by another split's encode worker (the same thread count on this host).
+        spare = next((enc for _, enc in costs.values() if enc), {})
+        for res in results:
+            if res["config"] not in costs:
+                continue
+            step, encode = costs[res["config"]]
+            plan_args = argparse.Namespace(**vars(trace_args(args)), slo_ttft_ms=args.slo_ttft_ms,
+                                           slo_tpot_ms=args.slo_tpot_ms, policy="slo_aware",
+                                           handoff_ms=args.handoff_ms, hop_ms=args.hop_ms, host_cores=res["cores"],
+                                           threads=None, max_rate=1000.0)
+            split = Split.parse(res["split"])
+            rates = sorted(float(r) for r in res["rates"])
+            meas, pred, planner = {}, {}, None
+            for r in rates:
+                recs = res["rates"][str(r)]
+                # The requests as sent: the server's prompt count (images expanded), images, outputs.
+                trace = [SimRequest(x["prompt"] or 1, [image_tokens] * x["images"], max(x["out"], 1)) for x in recs]
+                planner = Planner(plan_args, trace, step, encode or spare)
+                meas[r] = measured_attainment(recs, slo)
+                pred[r] = planner.attainment(split, r)
+            rows.append({"config": res["config"], "costs": kind, "measured": meas, "predicted": pred,
+                         "goodput_measured": goodput(list(meas.items()), GOOD),
+                         "goodput_predicted_at_rates": goodput(list(pred.items()), GOOD),
+                         "goodput_predicted": round(planner.goodput(split), 3)})
     print(f"SLO TTFT {args.slo_ttft_ms:g} ms, TPOT {args.slo_tpot_ms:g} ms; attainment measured / predicted")
     for row in rows:
         cells = "  ".join(f"@{r:g}: {row['measured'][r]:.0%} / {row['predicted'][r]:.0%}" for r in row["measured"])
-        print(f"{row['config']:>10}  {cells}  goodput measured {row['goodput_measured']} / predicted "
+        print(f"{row['config']:>10} {row['costs']:>9}  {cells}  goodput measured {row['goodput_measured']} / predicted "
               f"{row['goodput_predicted_at_rates']} (continuous {row['goodput_predicted']})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))

@@ -18,7 +18,8 @@ What is simulated (discrete events on one clock):
 
 Not simulated: prefix and image cache hits (each request is new, as epd-bench sends them),
 preemption for KV space, the router's learned TTFT/TPOT offsets (zero: no real residual here),
-and the HTTP/ZeroMQ hops beyond ``hop_s`` per request. ``host_cores`` models workers that share
+and the HTTP/ZeroMQ hops beyond ``hop_s`` per request. A cost spec may carry the router's
+online ``correction`` (actual / predicted per kind, as ``GET /admin/workers`` shows it). ``host_cores`` models workers that share
 one host's cores (this CPU): a step started while k workers of ``threads`` each are busy runs
 ``max(1, k * threads / host_cores)`` times slower.
 """
@@ -150,6 +151,8 @@ class _Worker:
                           cost_model=spec)
         self.rec = WorkerRecord(info=info, last_seen=0.0)
         self.cost = WorkerCost(spec)
+        # The router's online correction (actual / predicted, from a GET /admin/workers), if given.
+        self.cost.correction.update(spec.get("correction") or {})
         self.max_seqs = int(spec.get("max_num_seqs") or 256)
         self.busy = False
         self.waiting: deque[_Flight] = deque()  # encode jobs, or prompts to prefill
@@ -190,7 +193,9 @@ class _Worker:
             return
         dctx = sum(f.req.prompt_tokens + len(f.tokens) for f in self.running)
         feats = (1.0, new, attn / 1e3, float(len(self.running)), dctx / 1e3)
-        s = predict(self.cost.step, feats, STEP_FEATURES) + encode
+        # Corrected as the router corrects a step: by its prefill ratio when it computes prompt tokens.
+        fix = self.cost.correction["prefill" if new else "decode"]
+        s = predict(self.cost.step, feats, STEP_FEATURES) * fix + encode
         self.busy = True
         self.sim.clock.at(now + s * slow, self._stepped, chunks, list(self.running))
 
@@ -244,7 +249,10 @@ class Simulation:
         self.handoff_s, self.hop_s = handoff_s, hop_s
         self.host_cores, self.threads = host_cores, threads
         self.workers: dict[str, _Worker] = {}
-        both = {"step": step_spec.get("step"), "encode": encode_spec.get("encode"),
+        fix = {"prefill": (step_spec.get("correction") or {}).get("prefill", 1.0),
+               "decode": (step_spec.get("correction") or {}).get("decode", 1.0),
+               "encode": (encode_spec.get("correction") or {}).get("encode", 1.0)}
+        both = {"step": step_spec.get("step"), "encode": encode_spec.get("encode"), "correction": fix,
                 **{k: step_spec[k] for k in ("token_budget", "max_num_seqs") if k in step_spec}}
         for role, n in (("encode", split.encode), ("prefill", split.prefill), ("decode", split.decode),
                         ("mixed", split.mixed)):

@@ -63,7 +63,7 @@ def test_more_decode_workers_raise_decode_bound_goodput():
     """TPOT = 10 ms + 5 ms a sequence: a 60 ms SLO holds 10 sequences a decode worker; prefill is
     nearly free, so goodput is decode-bound and a second decode worker about doubles it."""
     costs = spec({"base": 0.01, "new_tokens": 1e-6, "decode_seqs": 0.005})
-    trace = [SimRequest(32, [], 64) for _ in range(200)]
+    trace = [SimRequest(32, [], 64) for _ in range(120)]
     p = planner(trace, costs, 5.0, 0.06, burstiness=1e6)
     one, two = p.goodput(Split.parse("1p1d")), p.goodput(Split.parse("1p2d"))
     # One worker: 10 sequences of 63 decode steps of 60 ms: about 10 / 3.8 s = 2.6 req/s.
@@ -137,3 +137,13 @@ def test_cli_on_a_jsonl_trace(tmp_path):
     assert "--profile" in help_text and "/admin/workers" in help_text and "random-mm" in help_text
     code = "import sys, perf.epd_plan, router.plan_sim; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_router_correction_scales_the_costs():
+    """A spec carrying the router's online correction (GET /admin/workers) prices steps by it."""
+    base = spec({"new_tokens": 1e-3})
+    req = [SimRequest(100, [], 1)]
+    (plain,) = Simulation(Split(mixed=1), base, base).run(req)
+    slow = {**base, "correction": {"prefill": 3.0, "decode": 1.0}}
+    (f,) = Simulation(Split(mixed=1), slow, slow).run([SimRequest(100, [], 1)])
+    assert plain.first_token == pytest.approx(0.1) and f.first_token == pytest.approx(0.3)
