@@ -3,7 +3,7 @@
 The plan prices prefill on the tokens a worker must still compute: a worker whose prefix cache
 (or, through the cluster cache, another worker's) holds the prompt's first blocks prefills only
 the rest, on top of them (``WorkerCost.prefill_s(new, cached)``). The router hashes the prompt's
-full blocks as the engine does (``stages/engine/block_manager.py``: ``hash(parent, token ids,
+full blocks as the engine does (``transfer.hash_keys.hash_block``: ``hash(parent, token ids,
 extra)`` with ``extra`` naming each image overlapping the block by its pixel hash and the block's
 offset into the image's run; the last token never in a hit) and looks the hashes up in the
 cluster index (``router/cluster_index.py``), which the workers' ``KvCacheEvent`` batches fill.
@@ -16,26 +16,11 @@ a misprediction, never a wrong answer (the worker re-checks every block it reuse
 
 from __future__ import annotations
 
-from array import array
-
-import xxhash
-
 from router.cluster_index import ClusterIndex
 from router.request_size import RequestSize
-from transfer.hash_keys import image_bytes_key
+from transfer.hash_keys import hash_block, image_bytes_key
 
 PREFIX_PULL_S = 0.005  # a PrefixQuery round trip, the holder's copy-out and the pull (ms on one host)
-
-
-def hash_block(parent: int | None, token_ids: list[int], extra: tuple) -> int:
-    """The engine's chained block hash (``stages.engine.block_manager.hash_block``; a test holds
-    them equal: the router may not import that module, which needs the engine's Sequence)."""
-    h = xxhash.xxh3_128()
-    h.update((parent or 0).to_bytes(16, "little"))
-    h.update(array("q", token_ids).tobytes())
-    if extra:
-        h.update(repr(extra).encode())
-    return h.intdigest()
 
 
 def block_hashes(size: RequestSize, pixel_hashes: list[str | None], block_size: int) -> list[str]:

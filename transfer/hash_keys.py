@@ -9,6 +9,8 @@ publishes for pulls.
 
 from __future__ import annotations
 
+from array import array
+
 import xxhash
 
 
@@ -30,3 +32,15 @@ def handoff_key(request_id: str) -> str:
 def prefix_key(request_id: str, nonce: str) -> str:
     """Store key of prompt blocks a worker copied out for another one."""
     return f"prefix/{request_id}/{nonce}"
+
+
+def hash_block(parent: int | None, token_ids: list[int], extra: tuple) -> int:
+    """Chained hash of one full KV block: its parent's hash, its token ids, and ``extra`` (the
+    content hashes and offsets of the images it overlaps). Engines key cached blocks by it and
+    the router prices prefix hits by it, so it lives here, where both may import it."""
+    h = xxhash.xxh3_128()
+    h.update((parent or 0).to_bytes(16, "little"))
+    h.update(array("q", token_ids).tobytes())
+    if extra:
+        h.update(repr(extra).encode())
+    return h.intdigest()

@@ -13,21 +13,10 @@ block's stored token ids before use.
 
 from __future__ import annotations
 
-from array import array
 from collections import OrderedDict, deque
 
-import xxhash
-
 from stages.engine.sequence import Sequence
-
-
-def hash_block(parent: int | None, token_ids: list[int], extra: tuple) -> int:
-    h = xxhash.xxh3_128()
-    h.update((parent or 0).to_bytes(16, "little"))
-    h.update(array("q", token_ids).tobytes())
-    if extra:
-        h.update(repr(extra).encode())
-    return h.intdigest()
+from transfer.hash_keys import hash_block  # shared with the router, which prices prefix hits by it
 
 
 def block_extra_keys(seq: Sequence, start: int, end: int) -> tuple:
