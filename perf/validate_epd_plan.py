@@ -48,10 +48,15 @@ def measure(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.splits.split(","):
-        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        path = ROOT / "configs" / f"{name}.yaml"
+        cfg = load_config(path if path.exists() else ROOT / "configs" / "1p1d.yaml")
+        if not path.exists():  # a split with no shipped config, e.g. 2p1d: its workers by the name
+            split = Split.parse(name)
+            cfg["workers"] = [{"role": r, "count": getattr(split, r)}
+                              for r in ("encode", "prefill", "decode", "mixed") if getattr(split, r)]
         cfg["served_model_name"] = "plan"
         dep = Deployment(cfg, model, port=free_port(), log_dir=out / f"logs-{name}")
-        result = {"config": name, "split": SPLIT_OF[name], "cores": os.cpu_count(), "rates": {}}
+        result = {"config": name, "split": SPLIT_OF.get(name, name), "cores": os.cpu_count(), "rates": {}}
         try:
             dep.start(300)
             with urllib.request.urlopen(f"{dep.url}/admin/workers", timeout=10) as r:
@@ -71,6 +76,7 @@ def measure(args) -> None:
         finally:
             dep.stop()
         (out / f"{name}.json").write_text(json.dumps(result))
+        (out / f"{name}.workers.json").write_text(json.dumps(result["admin_workers"], indent=1))  # for epd-plan
 
 
 def profiles(admin_workers: dict, corrected: bool) -> tuple[dict, dict]:
@@ -90,7 +96,8 @@ def measured_attainment(records: list[dict], slo: Slo) -> float:
 
 def table(args) -> None:
     slo = Slo(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
-    results = [json.loads(p.read_text()) for p in sorted(Path(args.dir).glob("*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(Path(args.dir).glob("*.json"))
+               if not p.name.endswith(".workers.json")]
     results = [r for r in results if "admin_workers" in r]
     image_tokens = Sizer(args.model, 576).image(224, 224)
     rows = []
