@@ -33,6 +33,9 @@ class EngineConfig:
     # The stage this engine serves; it decides which weights and whether a KV pool are built
     # (stages/engine/roles.py). "mixed" builds everything.
     role: str = "mixed"
+    # CPU: a step with less arithmetic than this (GFLOP, weights + attention) runs on one thread,
+    # a larger one on all of torch's threads (stages/engine/cpu_threads.py says why); 0: always all.
+    cpu_parallel_min_gflop: float = 1.0
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -47,6 +50,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gb must be > 0")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.cpu_parallel_min_gflop < 0:
+            raise ValueError(f"cpu_parallel_min_gflop must be >= 0, got {self.cpu_parallel_min_gflop}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
 

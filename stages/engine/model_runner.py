@@ -16,6 +16,7 @@ import torch
 from stages.attention.backend import PersistentBlockTables
 from stages.attention.staging import PinnedStaging
 from stages.engine.config import EngineConfig
+from stages.engine.cpu_threads import StepThreads, step_flops
 from stages.engine.decode_graphs import DecodeGraphs
 from stages.engine.scheduler import ScheduledSeq
 from stages.engine.sequence import ImageItem, Sequence
@@ -41,8 +42,20 @@ class ModelRunner:
         self.num_images_encoded = 0
         self._ids_staging, self._pos_staging = PinnedStaging(torch.long), PinnedStaging(torch.long)
         self.num_blocks, self.kv_caches, self.graphs, self.block_tables = 0, [], None, None
+        self._lm_params = None  # counted on the first step (the language part may come later)
+        self.threads = StepThreads(device, config.cpu_parallel_min_gflop * 1e9)
+        text_cfg = getattr(hf_config, "text_config", None) or hf_config
+        self._attn_width = text_cfg.num_attention_heads * self.model.head_dim
         if needs_kv(config.role):
             self.allocate_kv()
+
+    def _part_params(self, part: str) -> int:
+        """Parameters of one part (a tied tensor once): what a token or an image pass multiplies."""
+        seen = {}
+        for name, p in self.model.named_parameters():
+            if self.model.part_of(name) == part:
+                seen[p.data_ptr()] = p.numel()
+        return sum(seen.values())
 
     def allocate_kv(self) -> None:
         """Allocate the KV pool (an explicit block count wins over the memory budget)."""
@@ -64,6 +77,7 @@ class ModelRunner:
 
     def set_parts(self, parts) -> None:
         """Hold exactly ``parts``: free the others first (lower peak), then build the missing."""
+        self._lm_params = None
         for part in self.model.parts - set(parts):
             self.model.drop_part(part)
         for part in parts:
@@ -104,7 +118,9 @@ class ModelRunner:
     def encode(self, images: list[ImageItem]) -> list[torch.Tensor]:
         """Run the vision encoder on ``images`` and cache the results by content hash."""
         self.ensure_vision()
-        embs = self.model.encode_images([img.inputs for img in images])
+        flops = 2.0 * self._part_params("vision") * sum(img.length for img in images)
+        with self.threads.run(flops):
+            embs = self.model.encode_images([img.inputs for img in images])
         for img, emb in zip(images, embs):
             if emb.shape[0] != img.length:
                 raise RuntimeError(f"image {img.content_hash[:12]} encoded to {emb.shape[0]} tokens, "
@@ -196,6 +212,14 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq],
                 kv_loads: list[Sequence] = ()) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; returns float32 logits [n_sampling, vocab] and their sequences."""
+        if self._lm_params is None:
+            self._lm_params = self._part_params("language")
+        q = [s.num_new_tokens for s in batch]
+        ctx = [s.seq.num_computed_tokens + s.num_new_tokens for s in batch]
+        with self.threads.run(step_flops(self._lm_params, self._attn_width, self.model.num_layers, q, ctx)):
+            return self._execute(batch, kv_loads)
+
+    def _execute(self, batch, kv_loads):
         for seq in kv_loads:
             self.write_kv(seq, seq.pending_kv)
             seq.pending_kv = None
