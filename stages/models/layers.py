@@ -19,6 +19,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same ops without two no-op casts (CPU steps are op-bound)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -48,7 +50,8 @@ def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
 
-    ``fused``: gate and up share one matmul and a fused silu-mul kernel (GPU fast path).
+    Gate and up always share one matmul (the same numbers as two: each output is its own dot
+    product; one op less per layer). ``fused``: a fused silu-mul kernel too (GPU fast path).
     """
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False, fused: bool = False):
@@ -57,15 +60,16 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.fused = fused
-        if fused:
-            self.gate_up_weight, self.gate_up_bias = fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_up_weight, self.gate_up_bias = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = nn.functional.linear(x, self.gate_up_weight, self.gate_up_bias)
         if self.fused:
             from stages.models.triton_ops import silu_mul
 
-            return self.down_proj(silu_mul(nn.functional.linear(x, self.gate_up_weight, self.gate_up_bias)))
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 def rope_inv_freq(rope: dict, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -103,16 +107,33 @@ class RotaryEmbedding(nn.Module):
     for M-RoPE, where each axis drives its own slice of the frequencies.
     """
 
+    #: positions covered by the CPU table (fp32 cos|sin, 2 x 4096 x head_dim floats, 1 MiB at d=128)
+    TABLE_POSITIONS = 4096
+
     def __init__(self, rope: dict, head_dim: int, mrope_section: list[int] | None = None):
         super().__init__()
         inv_freq, self.scaling = rope_inv_freq(rope, head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.mrope_section = mrope_section
+        self._table: torch.Tensor | None = None  # [TABLE_POSITIONS, 2 * head_dim]: cos | sin
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin(self, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 cos | sin [..., T, 2 * head_dim], element for element HF's formula."""
         freqs = positions[..., None].float() * self.inv_freq.float()  # [..., T, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.scaling, emb.sin() * self.scaling
+        return torch.cat((emb.cos() * self.scaling, emb.sin() * self.scaling), dim=-1)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # On the CPU a step is bound by op count: look rows up in a table computed once by the
+        # same formula (same values) instead of ~8 small ops. Elsewhere (graphs, no host sync) compute.
+        lo, hi = torch.aminmax(positions) if positions.device.type == "cpu" else (None, None)
+        if lo is not None and 0 <= int(lo) and int(hi) < self.TABLE_POSITIONS:
+            if self._table is None:
+                self._table = self._cos_sin(torch.arange(self.TABLE_POSITIONS))
+            cs = self._table[positions]
+        else:
+            cs = self._cos_sin(positions)
+        cos, sin = cs.chunk(2, dim=-1)
         if self.mrope_section is not None:
             cos, sin = self._select_mrope(cos), self._select_mrope(sin)
         return cos.to(dtype), sin.to(dtype)
