@@ -127,12 +127,14 @@ def table(args) -> None:
             rows.append({"config": res["config"], "costs": kind, "measured": meas, "predicted": pred,
                          "goodput_measured": goodput(list(meas.items()), GOOD),
                          "goodput_predicted_at_rates": goodput(list(pred.items()), GOOD),
-                         "goodput_predicted": round(planner.goodput(split), 3)})
+                         "goodput_predicted": round(planner.goodput(split), 3),
+                         "attainment_error": sum(abs(pred[r] - meas[r]) for r in rates) / len(rates)})
     print(f"SLO TTFT {args.slo_ttft_ms:g} ms, TPOT {args.slo_tpot_ms:g} ms; attainment measured / predicted")
     for row in rows:
         cells = "  ".join(f"@{r:g}: {row['measured'][r]:.0%} / {row['predicted'][r]:.0%}" for r in row["measured"])
         print(f"{row['config']:>10} {row['costs']:>9}  {cells}  goodput measured {row['goodput_measured']} / predicted "
-              f"{row['goodput_predicted_at_rates']} (continuous {row['goodput_predicted']})")
+              f"{row['goodput_predicted_at_rates']} (continuous {row['goodput_predicted']}); "
+              f"mean |attainment error| {row['attainment_error']:.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
 
