@@ -38,12 +38,16 @@ def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None
     w = torch.empty(rows, first.in_features, dtype=first.weight.dtype, device=first.weight.device)
     b = None if first.bias is None else torch.empty(rows, dtype=first.bias.dtype, device=first.bias.device)
     off = 0
-    for lin in linears:
-        n = lin.out_features
-        lin.weight = nn.Parameter(w[off:off + n], requires_grad=False)
-        if b is not None:
-            lin.bias = nn.Parameter(b[off:off + n], requires_grad=False)
-        off += n
+    with torch.no_grad():
+        for lin in linears:
+            n = lin.out_features
+            # Keep the values the linear holds (a model built on its own, not loaded, stays the same model).
+            w[off:off + n].copy_(lin.weight)
+            lin.weight = nn.Parameter(w[off:off + n], requires_grad=False)
+            if b is not None:
+                b[off:off + n].copy_(lin.bias)
+                lin.bias = nn.Parameter(b[off:off + n], requires_grad=False)
+            off += n
     return w, b
 
 
