@@ -110,7 +110,10 @@ class Sizer:
         if not self.prompt:  # estimate() assumes 576 tokens an image
             size.prompt_tokens += (self.image_tokens - 576) * len(size.image_tokens)
             size.image_tokens = [self.image_tokens] * len(size.image_tokens)
-        return SimRequest(size.prompt_tokens, list(size.image_tokens), int(parsed.api.sampling["max_tokens"]))
+        out = parsed.api.sampling.get("max_tokens")
+        if out is None:  # the server would answer up to the context's end: no length to simulate
+            raise SystemExit("a chat body without max_tokens: give --output-len (as epd-bench does)")
+        return SimRequest(size.prompt_tokens, list(size.image_tokens), int(out))
 
     def image(self, width: int, height: int) -> int:
         if self.images is None:
@@ -150,7 +153,7 @@ def build_trace(args, sizer: Sizer) -> list[SimRequest]:
     return out
 
 
-class Planner:
+class SplitRunner:
     """Runs one split at given rates; the goodput by bisection."""
 
     def __init__(self, args, trace: list[SimRequest], step: dict, encode: dict):
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --devices N or --splits")
     step, encode = load_profiles(args.profile, args.corrected)
     trace = build_trace(args, Sizer(args.model, args.image_tokens))
-    planner = Planner(args, trace, step, encode)
+    planner = SplitRunner(args, trace, step, encode)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else []
     rows = []
     for split in splits:

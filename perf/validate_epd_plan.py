@@ -26,7 +26,7 @@ from pathlib import Path
 from perf.epd_bench import datasets
 from perf.epd_bench.load import run_load
 from perf.epd_bench.metrics import goodput
-from perf.epd_plan import GOOD, Planner, Sizer, load_profiles
+from perf.epd_plan import GOOD, SplitRunner, Sizer, load_profiles
 from router.plan import Slo
 from router.plan_sim import SimRequest, Split
 from router.serve import ROOT, Deployment, free_port, load_config
@@ -123,9 +123,9 @@ def table(args) -> None:
                 trace = [SimRequest(x["prompt"] or 1, [image_tokens] * x["images"], max(x["out"], 1)) for x in recs]
                 every += trace
                 meas[r] = measured_attainment(recs, slo)
-                pred[r] = Planner(plan_args, trace, step, encode or spare).attainment(split, r)
+                pred[r] = SplitRunner(plan_args, trace, step, encode or spare).attainment(split, r)
             # The continuous goodput on all the rates' requests: 12 alone make it jump with their arrivals.
-            planner = Planner(plan_args, every, step, encode or spare)
+            planner = SplitRunner(plan_args, every, step, encode or spare)
             rows.append({"config": res["config"], "costs": kind, "measured": meas, "predicted": pred,
                          "goodput_measured": goodput(list(meas.items()), GOOD),
                          "goodput_predicted_at_rates": goodput(list(pred.items()), GOOD),

@@ -12,7 +12,7 @@ from argparse import Namespace
 import numpy as np
 import pytest
 
-from perf.epd_plan import Planner
+from perf.epd_plan import SplitRunner
 from router.plan import Slo
 from router.plan_sim import SimRequest, Simulation, Split, all_splits, attainment
 
@@ -25,10 +25,10 @@ def spec(step=None, encode=None, max_num_seqs=256) -> dict:
             "token_budget": BUDGET, "max_num_seqs": max_num_seqs}
 
 
-def planner(trace, costs, ttft_s, tpot_s, burstiness=1.0, seed=0) -> Planner:
+def planner(trace, costs, ttft_s, tpot_s, burstiness=1.0, seed=0) -> SplitRunner:
     args = Namespace(slo_ttft_ms=ttft_s * 1e3, slo_tpot_ms=tpot_s * 1e3, burstiness=burstiness, seed=seed,
                      policy="slo_aware", handoff_ms=0.0, hop_ms=0.0, host_cores=None, threads=None, max_rate=200.0)
-    return Planner(args, trace, costs, costs)
+    return SplitRunner(args, trace, costs, costs)
 
 
 def test_splits_of_three_devices():
