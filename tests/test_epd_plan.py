@@ -147,3 +147,20 @@ def test_router_correction_scales_the_costs():
     slow = {**base, "correction": {"prefill": 3.0, "decode": 1.0}}
     (f,) = Simulation(Split(mixed=1), slow, slow).run([SimRequest(100, [], 1)])
     assert plain.first_token == pytest.approx(0.1) and f.first_token == pytest.approx(0.3)
+
+
+def test_admin_workers_profiles_skip_the_routers_defaults(tmp_path):
+    """In GET /admin/workers an encode worker shows the router's default step model (it measured
+    none): epd-plan must price steps by the worker that measured them, and encodes likewise."""
+    from perf.epd_plan import load_profiles
+    from router.cost_model import WorkerCost
+
+    enc = WorkerCost({"encode": {"base": 0.4}, "encode_samples": 6}).to_dict()
+    pre = WorkerCost({"step": {"base": 0.13, "new_tokens": 0.004}, "step_samples": 19}).to_dict()
+    pre["correction"]["prefill"] = 2.0
+    doc = {"workers": [{"worker_id": "encode-0", "cost_model": enc}, {"worker_id": "prefill-0", "cost_model": pre}]}
+    (tmp_path / "w.json").write_text(json.dumps(doc))
+    step, encode = load_profiles([str(tmp_path / "w.json")])
+    assert step["step"]["base"] == 0.13 and encode["encode"]["base"] == 0.4 and not step["correction"]
+    step, _ = load_profiles([str(tmp_path / "w.json")], corrected=True)
+    assert step["correction"]["prefill"] == 2.0
