@@ -34,9 +34,11 @@ def plot_runs(runs: list[dict], out: str) -> None:
         ax.set_ylabel("requests")
         ax.legend(fontsize=7)
         ax = axes[1][col]
-        for role in ("encode", "prefill", "decode"):
+        for k, role in enumerate(("encode", "prefill", "decode")):
             xs = [t for t, _ in run["roles"]]
-            ys = [sum(1 for r, state in ws.values() if r == role and state == "active") for _, ws in run["roles"]]
+            # Nudged apart so that equal counts stay visible as separate lines.
+            ys = [sum(1 for r, state in ws.values() if r == role and state == "active") + 0.04 * (k - 1)
+                  for _, ws in run["roles"]]
             ax.step(xs, ys, where="post", color=COLORS[role], label=role)
         ax.set_ylabel("active workers")
         ax.set_yticks(range(0, 4))

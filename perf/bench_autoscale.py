@@ -136,6 +136,7 @@ def merge(paths: list[str], plot: str | None) -> None:
             round(a["summary"]["all"]["goodput_rps"] / max(s["summary"]["all"]["goodput_rps"], 1e-9), 2)
             for s, a in zip(sorted(by_arm["static"], key=lambda r: r["round"]),
                             sorted(by_arm["autoscale"], key=lambda r: r["round"]))]
+        table["median_round_goodput_ratio"] = statistics.median(table["per_round_goodput_ratio"])
     print(json.dumps(table, indent=1))
     if plot:
         from perf.autoscale_plot import plot_runs
