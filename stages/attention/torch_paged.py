@@ -41,7 +41,11 @@ class TorchPagedAttention(AttentionBackend):
             mask = pos[None, :] < lens[:, None]  # True = attend
             idx = padded_tables(meta.block_tables[:nd]).astype(np.int64)[:, pos // bs] * bs + pos % bs
             idx[~mask] = 0
-            cache["decode"] = (torch.from_numpy(np.ascontiguousarray(idx)).to(device), torch.from_numpy(mask).to(device)[:, None, None, :])
+            # As an additive float mask (0 / -inf): what SDPA makes of a bool mask on every call,
+            # made once per step here instead of once per layer.
+            add = np.where(mask, np.float32(0), np.float32(-np.inf))
+            cache["decode"] = (torch.from_numpy(np.ascontiguousarray(idx)).to(device),
+                               torch.from_numpy(add).to(device)[:, None, None, :])
         prefills = []
         for i in range(nd, len(meta.query_lens)):
             q_len, ctx = meta.query_lens[i], meta.context_lens[i]
@@ -74,6 +78,8 @@ class TorchPagedAttention(AttentionBackend):
             qd = q[:nd].unsqueeze(2)  # [nd, heads, 1, d]
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
+            if mask.dtype != q.dtype:
+                mask = mask.to(q.dtype)  # a bf16 model: the float32 mask's 0 / -inf are exact in any float
             o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
             if out is None:
                 return o.squeeze(2)
