@@ -128,3 +128,58 @@ def test_config_from_yaml_dict():
         AutoscaleConfig.from_dict({"min_per_role": 0})
     with pytest.raises(ValueError):
         AutoscaleConfig.from_dict({"margin": 1.0})
+
+
+def test_the_controller_moves_a_worker_through_the_switch_path():
+    """A real router core and scripted workers (real sockets): decode-0 holds 20 long decodes, the
+    encoders idle; ``Autoscaler.step`` reads that from the flights and cost models, asks for the
+    move after ``persist`` intervals, SwitchRole reaches encode-0, nothing moves while it switches
+    or cools down, and with one encoder left min_per_role holds."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from bus import messages as m
+    from router.autoscale import Autoscaler
+    from router.backend import ApiRequest
+    from router.core import _Flight
+    from tests.test_resilience_router import FakeWorker, _router, _until
+
+    async def main():
+        core, addr = await _router()
+        ws = [await FakeWorker(addr, wid, wid.split("-")[0]).start()
+              for wid in ("encode-0", "encode-1", "prefill-0", "decode-0")]
+        await _until(lambda: len(core.registry.workers) == 4)
+        for i in range(20):
+            rid = f"r{i}"
+            core.flights[rid] = _Flight(ApiRequest(rid, "m", "chat", [], None, None, [], {"max_tokens": 500}, True))
+            core.registry.workers["decode-0"].in_flight.add(rid)
+        cfg = AutoscaleConfig(enabled=True, interval_s=1, cooldown_s=5, persist=2, margin=0.2, min_backlog_s=1.0)
+        reg = CollectorRegistry()
+        scaler = Autoscaler(core, cfg, reg)
+        t = 1000.0
+        assert scaler.step(t) is None and "wanted 1 of 2" in scaler.state.hold
+        d = scaler.step(t + 1)
+        assert (d.worker_id, d.from_role, d.to_role, d.reason) == ("encode-0", "encode", "decode", "backlog")
+        sw = await ws[0].next(m.SwitchRole)
+        assert (sw.role, sw.epoch) == ("decode", 1)
+        assert scaler.step(t + 2) is None and scaler.state.hold == "a switch is under way"
+        ws[0].beats.cancel()
+        await ws[0].sock.send(m.WorkerReady(m.WorkerInfo("encode-0", ws[0].incarnation, "decode", "m", "cpu", 4096,
+                                                         64, 16, False, ws[0].transfer, 1, {}, 1)))
+        rec = core.registry.workers["encode-0"]
+        await _until(lambda: rec.switch == "active" and rec.role == "decode")
+        assert scaler.step(t + 3) is None and "cooling down" in scaler.state.hold
+        # Cooled down; decode still holds the work, but the one encoder left stays (min_per_role 1),
+        # and prefill-0 is the last of its role too.
+        assert scaler.step(t + 9) is None and "min_per_role 1" in scaler.state.hold
+        assert reg.get_sample_value("epd:autoscale_decisions_total",
+                                    {"from": "encode", "to": "decode", "reason": "backlog"}) == 1.0
+        assert reg.get_sample_value("epd:autoscale_backlog_seconds", {"role": "decode"}) > 1.0
+        assert len(scaler.decisions) == 1
+        ws[0].sock.close()
+        for w in ws[1:]:
+            w.close()
+        await core.close()
+
+    asyncio.run(main())

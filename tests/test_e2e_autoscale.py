@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 KEY = "autoscale-key"
 N = 12
 MAX_TOKENS = 200
-AUTOSCALE = {"interval_s": 0.25, "cooldown_s": 600, "persist": 2, "margin": 0.1, "min_backlog_s": 0.05}
+AUTOSCALE = {"interval_s": 0.25, "cooldown_s": 600, "persist": 2, "margin": 0.1, "min_backlog_s": 0.5}
 
 
 @pytest.fixture(scope="module")
