@@ -145,7 +145,7 @@ def _best_move(loads, slo, cfg, state) -> tuple[str, str, str, str] | None:
         receivers, reason = [r for r in loads if r != "decode"], "ttft_slo"
     elif tpot_missed > ttft_missed:
         receivers, reason = [r for r in loads if r == "decode"], "tpot_slo"
-    receivers = [r for r in receivers if loads[r].now_s >= cfg.min_backlog_s]
+    receivers = [r for r in receivers if loads[r].now_s >= cfg.min_backlog_s and loads[r].now_s > 0]
     if not receivers:
         state.hold = f"no stage has {cfg.min_backlog_s:g} s of predicted work per worker ({_show(loads)})"
         return None

@@ -68,6 +68,12 @@ def test_below_min_backlog_nothing_moves():
     assert got == [None] * 5 and "no stage has 1 s" in state.hold
 
 
+def test_an_idle_deployment_never_moves_even_without_a_floor():
+    cfg = AutoscaleConfig(enabled=True, interval_s=1, cooldown_s=0, persist=1, min_backlog_s=0.0)
+    got, state = run([loads([0.0, 0.0], [0.0], [0.0])] * 3, cfg=cfg)
+    assert got == [None] * 3 and "no stage has" in state.hold
+
+
 def test_cooldown_after_a_move_and_while_a_switch_runs():
     x = loads([6.0], [0.2, 0.0], [0.1])
     # Moves at interval 2; the switch runs in intervals 3-4 (busy); cool-down counts from 4: 10 s.
