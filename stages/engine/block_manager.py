@@ -95,7 +95,9 @@ class BlockManager:
         bs = self.block_size
         n_full = seq.num_computed_tokens // bs
         hashes = self._full_block_hashes(seq, n_full * bs)
-        for i in range(n_full):
+        # Blocks before seq.num_registered_blocks were registered by an earlier call and keep their
+        # hash while seq holds them: start after them (a loop from 0 cost O(context) per step).
+        for i in range(seq.num_registered_blocks, n_full):
             block = seq.block_table[i]
             if self.block_hash[block] is not None:
                 continue
@@ -106,6 +108,7 @@ class BlockManager:
                 self.cached[h] = block
                 if self.events is not None:
                     self.events.append((True, h))
+        seq.num_registered_blocks = max(seq.num_registered_blocks, n_full)
 
     # ---- the prefix as other workers see it ---------------------------------------------------
     def prefix_hashes(self, seq: Sequence) -> list[int]:
@@ -172,6 +175,7 @@ class BlockManager:
                 else:
                     self.free_queue[block] = None
         seq.block_table = []
+        seq.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         for block in list(self.free_queue):

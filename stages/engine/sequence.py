@@ -58,6 +58,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of full blocks, in order
+    num_registered_blocks: int = 0  # leading blocks of block_table already in the prefix cache
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
