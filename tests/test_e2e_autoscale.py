@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 KEY = "autoscale-key"
 N = 12
-MAX_TOKENS = 200
-AUTOSCALE = {"interval_s": 0.25, "cooldown_s": 600, "persist": 2, "margin": 0.1, "min_backlog_s": 0.5}
+MAX_TOKENS = 400
+AUTOSCALE = {"interval_s": 0.25, "cooldown_s": 600, "persist": 2, "margin": 0.1, "min_backlog_s": 0.2}
 
 
 @pytest.fixture(scope="module")
