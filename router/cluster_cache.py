@@ -126,14 +126,13 @@ class ClusterCacheMixin:
         for j, (wid, keys) in enumerate(sorted(groups.items())):
             worker, sub = alive[wid], f"{flight.wire_id}#e{j}"
             self.encode_jobs[sub] = (wid, keys)
-            flight.workers.add(wid)
-            worker.in_flight.add(req.request_id)
+            self.holdings.add(req.request_id, wid)
             plan.started[wid] = now
             try:
                 await self.sock.send(m.EncodeRequest(sub, [req.images[todo[k]] for k in keys]), to=wid.encode())
             except PeerGone:  # gone since its last message: the prefill worker encodes these
                 self.encode_jobs.pop(sub, None)
-                worker.in_flight.discard(req.request_id)
+                self.holdings.finish(req.request_id, wid)
                 for k in keys:
                     self._settle(k, error=ApiError(503, f"the encode worker {wid} is gone", "server_error"))
 
@@ -188,9 +187,8 @@ class ClusterCacheMixin:
         # Encode results settle every request waiting on them, even when their own client left.
         if isinstance(msg, m.EncodeDone):
             job = self.encode_jobs.pop(msg.request_id, None)
-            if job is not None and "#e" in msg.request_id and rec is not None:  # a planned encode's part
-                base = msg.request_id.partition("#e")[0]
-                rec.in_flight.discard(base.rpartition("@r")[0] if "@r" in base else base)
+            if job is not None and "#e" in msg.request_id:  # a planned encode's part: done there
+                self.holdings.finish(_request_of_part(msg.request_id), wid)
             if job is not None:
                 for k, ref in zip(job[1], msg.images):
                     if self.cluster_cache:
@@ -199,9 +197,8 @@ class ClusterCacheMixin:
                     self._settle(k, ref)
         elif isinstance(msg, m.RequestFailed) and msg.request_id in self.encode_jobs:
             _, keys = self.encode_jobs.pop(msg.request_id)
-            if "#e" in msg.request_id and rec is not None:
-                base = msg.request_id.partition("#e")[0]
-                rec.in_flight.discard(base.rpartition("@r")[0] if "@r" in base else base)
+            if "#e" in msg.request_id:
+                self.holdings.finish(_request_of_part(msg.request_id), wid)
             for k in keys:
                 self._settle(k, error=ApiError(msg.status, msg.message, msg.type))
         return False
@@ -254,6 +251,12 @@ class ClusterCacheMixin:
             return
         self.cache_stats["prefix_hits"] += 1
         await self._send_quiet(asker, m.PrefixAnswer(msg.request_id, msg.key, rec.info.transfer, msg.num_blocks))
+
+
+def _request_of_part(part_id: str) -> str:
+    """The request id of a planned encode's part id ``<request id>[@r<n>]#e<j>``."""
+    base = part_id.partition("#e")[0]
+    return base.rpartition("@r")[0] if "@r" in base else base
 
 
 def _retrieve(fut: asyncio.Future) -> None:

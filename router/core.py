@@ -59,7 +59,6 @@ class _Flight:
 
     req: ApiRequest
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    workers: set[str] = field(default_factory=set)  # every worker that holds some of its state
     kv: tuple[str, str] | None = None  # (prefill worker, key) while P still holds the KV
     done: bool = False
     wire_id: str = ""  # the id the current attempt runs under on the workers
@@ -88,6 +87,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
         self.policy = policy or SloAware()
         self.expected = expected or {}
         self.registry = Registry(heartbeat_timeout)
+        self.holdings = self.registry.holdings  # which workers hold which request (router.holdings)
         self.flights: dict[str, _Flight] = {}
         self.metrics = metrics
         self.retry_budget = retry_budget
@@ -182,17 +182,13 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
 
     async def _abort_attempt(self, flight: _Flight) -> None:
         """Stop the current attempt wherever it runs; give back the KV it parked."""
-        rid = flight.req.request_id
-        for wid in list(flight.workers):
+        for wid in sorted(self.holdings.drop_request(flight.req.request_id)):
             rec = self.registry.workers.get(wid)
-            if rec is None or not rec.alive:
-                continue
-            rec.in_flight.discard(rid)
-            await self._send_quiet(wid, m.AbortRequest(flight.wire_id))
+            if rec is not None and rec.alive:
+                await self._send_quiet(wid, m.AbortRequest(flight.wire_id))
         if flight.kv is not None:
             holder, key = flight.kv
             await self._send_quiet(holder, m.ReleaseKv(key))
-        flight.workers.clear()
         flight.kv = flight.owner = None
 
     # ---- dispatch -----------------------------------------------------------------------------
@@ -261,8 +257,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
             if msg.request_id != flight.wire_id:
                 raise _Superseded
             rid = flight.req.request_id
-            flight.workers.add(worker.worker_id)
-            worker.in_flight.add(rid)
+            self.holdings.add(rid, worker.worker_id)
             flight.stage, flight.owner = worker.role, (worker.worker_id, worker.info.incarnation)
             if flight.plan is not None:
                 flight.plan.started[worker.worker_id] = time.monotonic()
@@ -270,8 +265,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
                 await self.sock.send(msg, to=worker.worker_id.encode())
                 return worker
             except PeerGone:  # gone since its last message: count it dead, pick again
-                flight.workers.discard(worker.worker_id)
-                worker.in_flight.discard(rid)
+                self.holdings.remove(rid, worker.worker_id)
                 flight.owner = None
                 self._worker_died(worker, "its connection is gone")
 
@@ -407,24 +401,20 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
                                          d.completion_tokens, d.cached_tokens, logprobs))
         if d.finish_reason is not None:
             flight.done = True
-            for w in flight.workers:
-                rec = self.registry.workers.get(w)
-                if rec is not None:
-                    rec.in_flight.discard(flight.req.request_id)
+            self.holdings.drop_request(flight.req.request_id)
 
     def _done_with(self, flight: _Flight, wid: str, keep: bool = False) -> None:
-        rec = self.registry.workers.get(wid)
-        if rec is not None:
-            rec.in_flight.discard(flight.req.request_id)
-        if not keep:
-            flight.workers.discard(wid)
+        if keep:  # its stage is done, but it keeps part of the request (parked KV)
+            self.holdings.finish(flight.req.request_id, wid)
+        else:
+            self.holdings.remove(flight.req.request_id, wid)
 
     async def _release_kv(self, flight: _Flight | None, key: str) -> None:
         if flight is None or flight.kv is None or flight.kv[1] != key:
             return
         holder, _ = flight.kv
         flight.kv = None
-        flight.workers.discard(holder)
+        self.holdings.remove(flight.req.request_id, holder)
         await self._send_quiet(holder, m.ReleaseKv(key))
 
     async def _send_pub(self, msg) -> None:
@@ -471,6 +461,7 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
     def _worker_lost(self, rec: WorkerRecord, why: str) -> None:
         """A dead or restarted incarnation holds nothing: requests it ran move elsewhere."""
         self._forget_cache_of(rec, why)
+        self.holdings.drop_worker(rec.worker_id)
         if self.pub is not None:  # pulls waiting on it end now, not at their timeout
             self._spawn(self._send_pub(m.WorkerGone(rec.worker_id, rec.info.transfer, why)))
         me = (rec.worker_id, rec.info.incarnation)
@@ -482,7 +473,6 @@ class RouterCore(ClusterCacheMixin, TokenizeMixin):
             if flight.owner == me and flight.stage != "encode":  # the E stage recovers on its own
                 self._spawn(self._recover(flight, flight.stage, f"the {rec.role} worker {rec.worker_id} "
                                                                 f"failed: {why}"))
-            flight.workers.discard(rec.worker_id)
 
     async def _recover(self, flight: _Flight, stage: str, why: str, budgeted: bool = True) -> None:
         """Run the request again under a new attempt id: from its prompt if the client has seen

@@ -13,8 +13,8 @@ worker, which decode worker, and what that is predicted to cost.
                    the encoder that finishes it first), plus a pull
     TPOT = the decode worker's step with this request added to its batch and context
 
-A worker's queue is the predicted work of the requests it holds (``WorkerRecord.in_flight``)
-that has not run yet. The policy (``router.policy``) picks the plan; the core follows it stage
+A worker's queue is the predicted work of the requests it runs (``WorkerRecord.in_flight``,
+read from ``router.holdings``) that has not run yet. The policy (``router.policy``) picks the plan; the core follows it stage
 by stage, re-planning the rest when a planned worker is gone.
 """
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from bus.messages import WorkerInfo
 from bus.step_cost import STEP_FEATURES, predict
 from router.cost_model import WorkerCost
+from router.holdings import Holdings
 from router.plan import PULL_S, Plan, Planner, Slo
 from router.policy import PlanInputs, make_policy
 from router.registry import WorkerRecord
@@ -149,7 +150,7 @@ class _Worker:
         info = WorkerInfo(worker_id=wid, incarnation="sim", role=role, model="", device="sim", max_model_len=1 << 20,
                           num_kv_blocks=1 << 20, block_size=16, is_multimodal=True, transfer={}, pid=0,
                           cost_model=spec)
-        self.rec = WorkerRecord(info=info, last_seen=0.0)
+        self.rec = WorkerRecord(info=info, last_seen=0.0, holdings=sim.holdings)
         self.cost = WorkerCost(spec)
         # The router's online correction (actual / predicted, from a GET /admin/workers), if given.
         self.cost.correction.update(spec.get("correction") or {})
@@ -201,7 +202,7 @@ class _Worker:
 
     def _encoded(self, f: _Flight) -> None:
         self.busy = False
-        self.rec.in_flight.discard(f.rid)
+        self.sim.holdings.remove(f.rid, self.wid)
         f.encodes_left -= 1
         if f.encodes_left == 0:  # every image encoded: the prefill stage starts after its pulls
             self.sim.clock.at(self.sim.clock.now + PULL_S * len(f.req.image_tokens), self.sim.to_prefill, f)
@@ -218,7 +219,7 @@ class _Worker:
                 f.first_token = now
                 f.tokens.append(0)
                 if self.role == "prefill":
-                    self.rec.in_flight.discard(f.rid)
+                    self.sim.holdings.remove(f.rid, self.wid)
                 if f.req.output_tokens <= 1:
                     self.sim.finish(f, self)
                 elif self.role == "mixed":
@@ -242,6 +243,7 @@ class Simulation:
                  host_cores: float | None = None, threads: int = 1):
         self.clock = _Clock()
         self.registry = _Registry()
+        self.holdings = Holdings()  # who runs what: the planner's queues read it
         self.flights: dict[str, _Flight] = {}
         self.slo = slo or Slo()
         self.planner = _SimPlanner(self.registry, self.flights, self.slo, self.clock)
@@ -302,7 +304,7 @@ class Simulation:
             self.workers[wid].kick()
 
     def _send(self, wid: str, f: _Flight) -> None:
-        self.workers[wid].rec.in_flight.add(f.rid)
+        self.holdings.add(f.rid, wid)
         f.plan.started[wid] = self.clock.now
 
     def to_prefill(self, f: _Flight) -> None:
@@ -321,7 +323,7 @@ class Simulation:
 
     def finish(self, f: _Flight, w: _Worker) -> None:
         f.done = self.clock.now
-        w.rec.in_flight.discard(f.rid)
+        self.holdings.remove(f.rid, w.wid)
 
 
 def attainment(flights: list[_Flight], slo: Slo) -> float:

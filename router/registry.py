@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from bus.messages import Heartbeat, WorkerInfo
+from router.holdings import Holdings
 
 
 @dataclass
@@ -38,11 +39,12 @@ class WorkerRecord:
     prefix_query_tokens: int = 0
     transfer_pulls: dict[str, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)  # bus.messages.CACHE_COUNTERS
-    in_flight: set[str] = field(default_factory=set)  # request ids the router has sent here
     suspect_until: float = 0.0  # a peer reported a failed pull against it: no new work until then
     suspect_why: str = ""
     switch: str = "active"  # "active", or a role switch under way: "draining", then "switching"
     switch_to: str | None = None  # the role it is switching to
+    # Who runs what (shared by every record of a registry): ``in_flight`` and ``load`` read it.
+    holdings: Holdings = field(default_factory=Holdings, repr=False, compare=False)
 
     @property
     def worker_id(self) -> str:
@@ -53,9 +55,14 @@ class WorkerRecord:
         return self.info.role
 
     @property
+    def in_flight(self) -> frozenset[str]:
+        """Request ids the router has sent here that run here now (``router.holdings``)."""
+        return self.holdings.requests_of(self.worker_id)
+
+    @property
     def load(self) -> int:
         """Requests on the worker as far as the router knows (heartbeats lag dispatches)."""
-        return max(self.running + self.waiting, len(self.in_flight))
+        return max(self.running + self.waiting, self.holdings.count(self.worker_id))
 
 
 class Registry:
@@ -68,6 +75,7 @@ class Registry:
         self.workers: dict[str, WorkerRecord] = {}
         self.restarts: dict[str, int] = {}  # worker id -> registrations with a new incarnation
         self.given_up: dict[str, str] = {}  # worker id -> why its supervisor stopped restarting it
+        self.holdings = Holdings()  # which worker runs / holds which request
 
     def register(self, info: WorkerInfo) -> tuple[WorkerRecord, WorkerRecord | None]:
         """Add (or replace) a worker: (its record, the record of an older incarnation it replaced).
@@ -83,7 +91,8 @@ class Registry:
         if old is not None:
             self.restarts[info.worker_id] = self.restarts.get(info.worker_id, 0) + 1
         self.given_up.pop(info.worker_id, None)
-        rec = self.workers[info.worker_id] = WorkerRecord(info, now, kv_blocks_total=info.num_kv_blocks)
+        rec = self.workers[info.worker_id] = WorkerRecord(info, now, kv_blocks_total=info.num_kv_blocks,
+                                                          holdings=self.holdings)
         return rec, old
 
     def state(self, rec: WorkerRecord, now: float | None = None) -> str:

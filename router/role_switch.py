@@ -156,10 +156,10 @@ class RoleSwitcher:
         log.warning("role switch: %s still held work after the drain deadline; %d request(s) handed over", wid, n)
 
     def _forget_finished(self, rec: WorkerRecord) -> None:
-        for rid in list(rec.in_flight):
+        for rid in rec.in_flight:
             f = self.core.flights.get(rid)
             if f is None or f.done:  # finished or left while it drained
-                rec.in_flight.discard(rid)
+                self.core.holdings.remove(rid, rec.worker_id)
 
     # ---- the worker's messages ----------------------------------------------------------------
     def on_ready(self, rec: WorkerRecord, old_role: str | None) -> None:

@@ -159,7 +159,7 @@ def test_the_controller_moves_a_worker_through_the_switch_path():
         for i in range(20):
             rid = f"r{i}"
             core.flights[rid] = _Flight(ApiRequest(rid, "m", "chat", [], None, None, [], {"max_tokens": 500}, True))
-            core.registry.workers["decode-0"].in_flight.add(rid)
+            core.holdings.add(rid, "decode-0")
         cfg = AutoscaleConfig(enabled=True, interval_s=1, cooldown_s=5, persist=2, margin=0.2, min_backlog_s=1.0)
         reg = CollectorRegistry()
         scaler = Autoscaler(core, cfg, reg)

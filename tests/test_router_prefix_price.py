@@ -158,7 +158,7 @@ def test_equal_ttft_ties_go_to_the_most_cached_then_the_least_loaded(llava_dir):
         tasks.append(task)
         assert plan.prefill == "p2" and plan.cached_tokens == 16 * len(hashes)
         # Nothing cached for a new prompt: the least loaded (p2 now holds r1).
-        core.registry.workers["p0"].in_flight.add("someone-else")
+        core.holdings.add("someone-else", "p0")
         req2 = _chat("r2", [])
         task = asyncio.create_task(core.generate(req2).__anext__())
         tasks.append(task)
