@@ -97,12 +97,20 @@ def _host_timers(engine: LLMEngine) -> dict[str, list[float]]:
     return times
 
 
+class _RunnerTimes(list):
+    """Per-call times of ``runner.execute`` (synchronized, so only while ``on``: a sync would
+    defeat the decode lookahead, whose overlap is what the async figure measures)."""
+    on = True
+
+
 def _runner_timer(engine: LLMEngine) -> list[float]:
     """Wrap ``runner.execute`` to record its time (synchronized) per call."""
-    times: list[float] = []
+    times = _RunnerTimes()
     execute = engine.runner.execute
 
     def timed(*a, **kw):
+        if not times.on:
+            return execute(*a, **kw)
         t = time.perf_counter()
         out = execute(*a, **kw)
         torch.cuda.synchronize()
@@ -138,25 +146,47 @@ def seed_decodes(engine: LLMEngine, batch: int, ctx: int, gen: torch.Generator, 
     return ids
 
 
-def bench_decode(engine: LLMEngine, batch: int, ctx: int, steps: int, runner_times: list[float],
-                 host: dict[str, list[float]]) -> dict:
-    rids = seed_decodes(engine, batch, ctx, torch.Generator().manual_seed(batch * 7 + ctx), f"d{batch}x{ctx}")
+def _timed_steps(engine: LLMEngine, steps: int) -> float:
     for _ in range(3):
         engine.step()
     torch.cuda.synchronize()
-    runner_times.clear()
-    for v in host.values():
-        v.clear()
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     torch.cuda.synchronize()
-    step = (time.perf_counter() - t) / steps
-    runner = sum(runner_times) / len(runner_times)
+    return (time.perf_counter() - t) / steps
+
+
+def bench_decode(engine: LLMEngine, batch: int, ctx: int, steps: int, runner_times: list[float],
+                 host: dict[str, list[float]]) -> dict:
+    """Serial steps first (the runner's share timed with a sync), then, where the engine has
+    one, the same point with the decode lookahead (``async_decode``): ``step_ms`` is the
+    engine's default mode, ``serial_step_ms`` the one without the overlap."""
+    lookahead, engine.lookahead = engine.lookahead, None
+    rids = seed_decodes(engine, batch, ctx, torch.Generator().manual_seed(batch * 7 + ctx), f"d{batch}x{ctx}")
+    runner_times.clear()
+    for v in host.values():
+        v.clear()
+    serial = _timed_steps(engine, steps)
+    runner = sum(runner_times[-steps:]) / steps
+    mean = {k: (sum(v) / len(v) * 1e3 if v else None) for k, v in host.items()}
     for rid in rids:
         engine.abort_request(rid)
-    mean = {k: (sum(v) / len(v) * 1e3 if v else None) for k, v in host.items()}
-    return {"batch": batch, "context": ctx, "step_ms": step * 1e3, "runner_ms": runner * 1e3,
+    step = serial
+    if lookahead is not None:
+        engine.lookahead, runner_times.on = lookahead, False
+        rids = seed_decodes(engine, batch, ctx, torch.Generator().manual_seed(batch * 7 + ctx + 1),
+                            f"a{batch}x{ctx}")
+        n0 = lookahead.num_steps
+        step = _timed_steps(engine, steps)
+        if lookahead.num_steps - n0 < steps:
+            print(f"  (lookahead ran {lookahead.num_steps - n0} of {steps + 3} steps)", flush=True)
+        for rid in rids:
+            engine.abort_request(rid)
+        engine.step()  # collect the step queued ahead for the aborted rows
+        runner_times.on = True
+    return {"batch": batch, "context": ctx, "step_ms": step * 1e3, "serial_step_ms": serial * 1e3,
+            "async_decode": lookahead is not None, "runner_ms": runner * 1e3,
             "schedule_ms": mean["schedule"], "graph_run_host_ms": mean["graph_run"], "tables_ms": mean["tables"],
             "tok_s": batch / step}
 
@@ -347,6 +377,7 @@ def main() -> None:
                 r["x_floor"] = r["step_ms"] / floor_ms
                 entry["decode"].append(r)
                 print(f"[{backend}] decode batch {b:3d} ctx {ctx}: step {r['step_ms']:7.2f} ms "
+                      f"(serial {r['serial_step_ms']:7.2f}) "
                       f"(runner {r['runner_ms']:7.2f}, schedule {r['schedule_ms']:5.2f}, graph inputs+launch "
                       f"{r['graph_run_host_ms'] or 0:5.2f}, tables {r['tables_ms'] or 0:5.2f}) = {r['x_floor']:5.2f}x floor, {r['tok_s']:9,.0f} tok/s",
                       flush=True)

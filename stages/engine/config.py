@@ -30,6 +30,10 @@ class EngineConfig:
     # Capture pure-decode steps in CUDA graphs (per batch-size bucket, at start-up) where the
     # backend supports it.
     cuda_graphs: bool = True
+    # Queue decode step N+1 before reading step N's tokens, so the host's bookkeeping overlaps
+    # the device's work (stages/engine/lookahead.py; plain-greedy decode batches only).
+    # None: on for CUDA, off elsewhere (a CPU step is the host's own work: nothing to overlap).
+    async_decode: bool | None = None
     # The stage this engine serves; it decides which weights and whether a KV pool are built
     # (stages/engine/roles.py). "mixed" builds everything.
     role: str = "mixed"

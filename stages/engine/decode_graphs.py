@@ -76,23 +76,27 @@ class DecodeGraphs:
     def fits(self, batch: int, table: np.ndarray) -> bool:
         return batch <= self.buckets[-1] and table.shape[1] <= self.max_blocks
 
-    def run(self, ids: list[int], ctx_lens: list[int], table: np.ndarray,
-            deltas: np.ndarray | None) -> torch.Tensor:
+    def run(self, ids: list[int] | None, ctx_lens: list[int], table: np.ndarray,
+            deltas: np.ndarray | None, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [b, hidden] of ``b`` decodes: token ids, context lengths (the new
-        token included), padded block tables [b, W] and M-RoPE position deltas (None: plain RoPE)."""
-        b = len(ids)
+        token included), padded block tables [b, W] and M-RoPE position deltas (None: plain RoPE).
+        ``ids_dev``: the token ids already on the device instead (``ids`` None)."""
+        b = len(ctx_lens)
         bucket = next(x for x in self.buckets if x >= b)
         ctx = np.asarray(ctx_lens, np.int64)
         pos = ctx - 1
         self.copied.synchronize()  # the previous step's copies have left the pinned buffers
         h, r = self.host_np, self.pos_rows
-        h[0, :b] = ids
+        if ids_dev is None:
+            h[0, :b] = ids
         h[1:1 + r, :b] = pos if deltas is None else pos + deltas
         h[r + 1, :b] = token_slots(table, np.arange(b), pos, self.block_size)
         h[r + 1, b:bucket] = -1
         h[r + 2, :b] = ctx
         h[r + 2, b:bucket] = 0
         self.inputs.copy_(self.host, non_blocking=True)
+        if ids_dev is not None:
+            self.inputs[0, :b].copy_(ids_dev)  # stream-ordered after the step that produced them
         w = table.shape[1]
         staged = self.table_stage[:b * w]
         self.table_host_np[:b * w] = table.reshape(-1)

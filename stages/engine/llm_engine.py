@@ -19,6 +19,7 @@ from stages.engine.config import EngineConfig
 from stages.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_string_holdback
 from stages.engine.handoff import Handoff, HandoffImage
 from stages.engine.input_processor import InputProcessor
+from stages.engine.lookahead import DecodeLookahead
 from stages.engine.model_runner import ModelRunner
 from stages.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from stages.engine.sampler import SampleRequest, Sampler, advance_generator, make_generator
@@ -72,6 +73,8 @@ class LLMEngine:
         self.idle = False  # the last step scheduled nothing (e.g. every block parked for a handoff)
         # (step features, seconds) of recent steps: the worker's cost profile and its heartbeats read them.
         self.step_samples: deque[tuple[tuple[float, ...], float]] = deque(maxlen=256)
+        async_decode = config.async_decode if config.async_decode is not None else self.device.type == "cuda"
+        self.lookahead = DecodeLookahead(self) if async_decode else None
 
     def context_len(self) -> int:
         """The longest sequence: the model's, or less if the KV pool holds fewer tokens (an
@@ -92,6 +95,8 @@ class LLMEngine:
         num_blocks, role, switch_s."""
         from stages.engine.roles import switch_role
 
+        if self.lookahead is not None:
+            self.lookahead.drain()  # a step queued ahead for rows that finished meanwhile
         return switch_role(self, role)
 
     def _eos_ids(self) -> frozenset[int]:
@@ -309,6 +314,11 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        ahead = self.lookahead
+        if ahead is not None and ahead.pending is not None:
+            outputs = ahead.finish()  # a step queued before the last one's tokens were read
+            if outputs or ahead.pending is not None:
+                return outputs
         sched = self.scheduler.schedule()
         self.idle = not sched.scheduled  # nothing can run until a call changes the state
         if not sched.scheduled:
@@ -324,10 +334,17 @@ class LLMEngine:
         reqs = [self.requests[s.request_id] for s in seqs]
         rows = [SampleRequest(r.seq.params, r.seq.prompt_token_ids, r.seq.output_token_ids, r.generator)
                 for r in reqs]
-        result = self.sampler(logits, rows)
+        tokens = ahead.after_step(sched, logits, reqs) if ahead is not None else None
+        if tokens is None:
+            result = self.sampler(logits, rows)
+            tokens, lps = result.token_ids, result.logprobs
+        else:
+            lps = [None] * len(tokens)
         outputs = []
-        for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
+        for req, token, lp in zip(reqs, tokens, lps):
             outputs.append(self._append_token(req, token, lp))
+        if ahead is not None and ahead.pending is not None and all(r.seq.is_finished for r in ahead.pending.reqs):
+            ahead.drain()
         self.step_samples.append((features, time.perf_counter() - t0))  # tokens are on the host by now
         return outputs
 

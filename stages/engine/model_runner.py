@@ -263,6 +263,29 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         return logits.float(), sample_seqs
 
+    @torch.inference_mode()
+    def execute_decode(self, seqs: list[Sequence], ids: torch.Tensor) -> torch.Tensor:
+        """One decode token per sequence whose input ids are already on the device (the
+        previous step's argmax: ``stages/engine/lookahead.py``); each sequence's blocks cover
+        ``num_computed_tokens + 1``. Returns float32 logits [len(seqs), vocab]."""
+        ctx_lens = [s.num_computed_tokens + 1 for s in seqs]
+        tables = [s.block_table for s in seqs]
+        flops = step_flops(self._lm_params, self._attn_width, self.model.num_layers, [1] * len(seqs), ctx_lens)
+        with self.threads.run(flops):
+            table = self.block_tables.gather([s.request_id for s in seqs], tables)
+            deltas = None
+            if self.model.uses_mrope:
+                deltas = np.fromiter((s.mrope_delta for s in seqs), np.int64, len(seqs))
+            if self.graphs is not None and table is not None and self.graphs.fits(len(seqs), table):
+                hidden = self.graphs.run(None, ctx_lens, table, deltas, ids_dev=ids)
+                return self.model.compute_logits(hidden).float()
+            batch = [ScheduledSeq(s, 1) for s in seqs]
+            meta = self.backend.build_metadata([1] * len(seqs), ctx_lens, tables, self.block_size, self.device,
+                                               table)
+            pos = self._pos_staging.to_device(self._positions(batch, meta).numpy(), self.device)
+            hidden = self.model(pos, meta, self.kv_caches, input_ids=ids)
+            return self.model.compute_logits(hidden).float()
+
     def _embed_with_images(self, batch, input_ids, q_start) -> torch.Tensor:
         self._ensure_encoded(batch)
         embeds = self.model.embed_tokens(input_ids)
