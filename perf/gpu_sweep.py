@@ -173,6 +173,7 @@ def sweep_one(name: str, args, model: Path, log_root: Path, deadline: float) -> 
                 if dead:  # later rates would only count refusals
                     raise RuntimeError(f"process(es) exited during rate {rate:g}: {dead}")
         res["memory"] = mem.report()
+        res["predictions"] = _predictions(dep.url)
     except Exception as e:  # noqa: BLE001 - one failed deployment must not cost the others
         res["error"] = f"{type(e).__name__}: {e}"
         print(f"  FAILED: {res['error']}", flush=True)
@@ -183,6 +184,24 @@ def sweep_one(name: str, args, model: Path, log_root: Path, deadline: float) -> 
         dep.stop()
     _finish(res, out)
     return res
+
+
+def _predictions(url: str) -> dict:
+    """The router's own score of its cost models over the whole sweep (all rates, warm-up
+    included): TTFT and TPOT predicted vs actual, from its /metrics histograms."""
+    import urllib.request
+
+    from perf.bench_policies import histogram, quantile, ratio_stats
+
+    try:
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    except OSError as e:
+        return {"error": repr(e)}
+    error = histogram(text, "epd:ttft_prediction_error")
+    return {"ttft_error_median": quantile(error), "ttft_error_p90": quantile(error, 0.9),
+            "ttft_within_15pct": round(error.get(0.15, 0.0) / max(error.get(float("inf"), 0.0), 1), 3),
+            "ttft_ratio": ratio_stats(histogram(text, "epd:ttft_prediction_ratio")),
+            "tpot_ratio": ratio_stats(histogram(text, "epd:tpot_prediction_ratio"))}
 
 
 def _rate_time(args, rate: float) -> float:
