@@ -60,7 +60,7 @@ class ClientFront:
                     task.cancel()
             elif isinstance(msg, m.HealthQuery):
                 ready, detail = self.backend.health()
-                await self._reply(ident, m.HealthReply(ready, detail))
+                await self._reply(ident, m.HealthReply(ready=ready, detail=detail))
             elif isinstance(msg, m.AdminCall):
                 await self._reply_quiet(ident, self._admin(msg))
 
@@ -71,14 +71,14 @@ class ClientFront:
                                                                       self.admin_key.encode()):
                 raise ApiError(401, "Incorrect admin key provided.")
             if msg.action == "workers":
-                return m.AdminReply(msg.request_id, workers_view(self.backend))
+                return m.AdminReply(request_id=msg.request_id, body=workers_view(self.backend))
             if msg.action == "switch_role":
                 a = msg.args
-                return m.AdminReply(msg.request_id, self.backend.switches.request(
+                return m.AdminReply(request_id=msg.request_id, body=self.backend.switches.request(
                     str(a.get("worker_id")), a.get("role"), a.get("drain_s")))
             raise ApiError(400, f"unknown admin action {msg.action!r}; use 'workers' or 'switch_role'")
         except ApiError as e:
-            return m.ClientError(msg.request_id, e.status, e.message, e.type)
+            return m.ClientError(request_id=msg.request_id, status=e.status, message=e.message, type=e.type)
 
     async def _reply(self, ident: bytes, msg) -> None:
         await self.sock.send(msg, to=ident)
@@ -102,18 +102,21 @@ class ClientFront:
             started = True
             async for d in self.backend.generate(parsed.api):
                 await self._reply(ident, m.TokenDelta(
-                    rid, d.text, d.token_ids, d.finish_reason, None, d.prompt_tokens, d.completion_tokens,
-                    d.cached_tokens, _logprobs(d.logprobs)))
+                    request_id=rid, text=d.text, token_ids=d.token_ids, finish_reason=d.finish_reason,
+                    stop_reason=None, prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
+                    cached_tokens=d.cached_tokens, logprobs=_logprobs(d.logprobs)))
                 if d.finish_reason is not None:
                     started = False
         except ApiError as e:
             started = False  # the backend cleaned up already
-            await self._reply_quiet(ident, m.ClientError(rid, e.status, e.message, e.type))
+            await self._reply_quiet(ident, m.ClientError(request_id=rid, status=e.status, message=e.message,
+                                                         type=e.type))
         except (asyncio.CancelledError, PeerGone):
             pass
         except Exception as e:  # noqa: BLE001
             log.exception("client request %s failed", rid)
-            await self._reply_quiet(ident, m.ClientError(rid, 500, f"internal error: {e}", "server_error"))
+            await self._reply_quiet(ident, m.ClientError(request_id=rid, status=500, message=f"internal error: {e}",
+                                                         type="server_error"))
         finally:
             if started:  # the client aborted or vanished mid-request
                 await self.backend.abort(rid)
@@ -128,6 +131,7 @@ class ClientFront:
 def _logprobs(entries: list[dict] | None) -> list[m.TokenLogprob] | None:
     if entries is None:
         return None
-    return [m.TokenLogprob(e["token_id"], e["token"], e["logprob"],
-                           [m.TopLogprob(t["token_id"], t["token"], t["logprob"]) for t in e["top"]])
+    return [m.TokenLogprob(token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
+                           top=[m.TopLogprob(token_id=t["token_id"], token=t["token"], logprob=t["logprob"])
+                                for t in e["top"]])
             for e in entries]

@@ -81,7 +81,7 @@ class PrefixView:
         best = 0
         if self.remote:
             # The longest run any other alive worker holds: what the router's PrefixQuery answer
-            # would point this worker at (``ClusterCacheMixin._prefix_query``).
+            # would point this worker at (``ClusterCache.on_prefix_query``).
             runs = self._best_remote.setdefault(block_size, {})
             if not runs:
                 for h in hashes[:1]:

@@ -98,7 +98,7 @@ class RoleSwitcher:
             self.core.index.forget_worker(wid)
             fut = asyncio.get_running_loop().create_future()
             self._ready[wid] = (epoch, fut)
-            await self.core.sock.send(m.SwitchRole(role, epoch), to=wid.encode())
+            await self.core.sock.send(m.SwitchRole(role=role, epoch=epoch), to=wid.encode())
             ready_by = time.monotonic() + self.ready_timeout_s
             while not fut.done():  # a worker that dies meanwhile ends the switch (its record says why)
                 if not self._same(rec, incarnation):

@@ -331,7 +331,7 @@ class Deployment:
             from bus.sockets import SyncSocket
 
             with SyncSocket("dealer", self.worker_addr, bind=False, identity=b"epd-serve") as sock:
-                sock.send(m.WorkerGaveUp(name, restarts, why))
+                sock.send(m.WorkerGaveUp(worker_id=name, restarts=restarts, reason=why))
                 time.sleep(0.2)  # LINGER is 0: let the message leave before the socket closes
         except Exception:  # noqa: BLE001 - the log has it anyway
             log.exception("telling the router that %s is given up", name)

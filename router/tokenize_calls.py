@@ -1,4 +1,5 @@
-"""``/tokenize``, ``/detokenize`` and the model card, answered through the workers (mixed into RouterCore).
+"""``/tokenize``, ``/detokenize`` and the model card, answered through the workers (a component of
+``RouterCore``).
 
 The router process holds no tokenizer (no torch, no transformers), so a tokenize call goes to
 the least loaded live worker, whose engine answers with the code that admits requests
@@ -12,20 +13,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Awaitable, Callable
 
 from bus import messages as m
 from bus.sockets import PeerGone
 from router.backend import ApiError
+from router.registry import Registry
 
 _ANSWER_TIMEOUT_S = 60.0  # a live worker answers in milliseconds; this bounds a wedged one
 _CHECK_S = 0.25  # how often a waiting call looks at its worker's state
 
 
-class TokenizeMixin:
-    """Needs ``self.registry``, ``self.sock``; ``_on_tokenize_message`` is called for every
-    worker message before the request dispatch sees it."""
+class TokenizeCalls:
+    """Tokenize calls on the live workers of ``registry``; ``send(worker id, message)`` delivers
+    (raising ``PeerGone``). The core hands it every ``Tokenized`` and ``RequestFailed``
+    (``on_answer``) before its own handling."""
 
-    def _init_tokenize(self) -> None:
+    def __init__(self, registry: Registry, send: Callable[[str, object], Awaitable[None]]):
+        self.registry, self._send = registry, send
         self._tokenizing: dict[str, asyncio.Future] = {}
 
     def model_card(self) -> dict:
@@ -38,12 +43,14 @@ class TokenizeMixin:
 
     async def tokenize(self, messages: list[dict] | None, prompt: str | None, images: list[bytes],
                        add_special_tokens: bool | None, add_generation_prompt: bool) -> list[int]:
-        msg = m.TokenizeRequest(f"tok-{uuid.uuid4().hex}", messages, prompt, list(images), add_special_tokens,
-                                add_generation_prompt)
+        msg = m.TokenizeRequest(request_id=f"tok-{uuid.uuid4().hex}", messages=messages, prompt=prompt,
+                                images=list(images), add_special_tokens=add_special_tokens,
+                                add_generation_prompt=add_generation_prompt)
         return (await self._ask(msg)).token_ids
 
     async def detokenize(self, token_ids: list[int]) -> str:
-        return (await self._ask(m.DetokenizeRequest(f"detok-{uuid.uuid4().hex}", list(token_ids)))).text
+        msg = m.DetokenizeRequest(request_id=f"detok-{uuid.uuid4().hex}", token_ids=list(token_ids))
+        return (await self._ask(msg)).text
 
     async def _ask(self, msg) -> m.Tokenized:
         for _ in range(2):  # a second worker when the first one dies while answering
@@ -51,7 +58,7 @@ class TokenizeMixin:
             fut = asyncio.get_running_loop().create_future()
             self._tokenizing[msg.request_id] = fut
             try:
-                await self.sock.send(msg, to=worker.worker_id.encode())
+                await self._send(worker.worker_id, msg)
                 deadline = time.monotonic() + _ANSWER_TIMEOUT_S
                 incarnation = worker.info.incarnation
                 while time.monotonic() < deadline:
@@ -76,7 +83,7 @@ class TokenizeMixin:
                            "server_error")
         return min(alive, key=lambda w: w.load)
 
-    def _on_tokenize_message(self, msg) -> bool:
+    def on_answer(self, msg: m.Tokenized | m.RequestFailed) -> bool:
         """Settle a waiting tokenize call; False when ``msg`` is not an answer to one."""
         fut = self._tokenizing.get(getattr(msg, "request_id", None) or "")
         if fut is None or fut.done():

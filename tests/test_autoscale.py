@@ -148,7 +148,7 @@ def test_the_controller_moves_a_worker_through_the_switch_path():
     from bus import messages as m
     from router.autoscale import Autoscaler
     from router.backend import ApiRequest
-    from router.core import _Flight
+    from router.flight import Flight as _Flight
     from tests.test_resilience_router import FakeWorker, _router, _until
 
     async def main():
