@@ -140,7 +140,8 @@ def test_fused_decoder_matches_plain_decoder():
     cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=256)
     torch.manual_seed(0)
-    plain = DecoderLM(cfg, "qwen2", TorchPagedAttention()).to(DEVICE)
+    with torch.device(DEVICE):  # as the engine builds it (fused qkv views live on the device they were made on)
+        plain = DecoderLM(cfg, "qwen2", TorchPagedAttention())
     fast_backend = TritonPagedAttention(DEVICE, torch.float32)
     fast_backend.fused_ops = True
     with torch.device(DEVICE):
