@@ -15,19 +15,15 @@ registry of workers and ``Holdings`` (which worker holds which request,
 a request skips work done before anywhere in the cluster, images already
 encoded, prompt blocks already computed), tokenize calls (``router.tokenize_calls``),
 the planner and policy (``router.plan``, ``router.policy``) and live role
-switches (``router.role_switch``). Worker messages go through one handler
-table, one handler per message type (``_handlers``).
+switches (``router.role_switch``), where stages go (``router.placement``), worker
+liveness (``router.liveness``). Worker messages reach one handler per message type
+(``router.inbox``).
 
-Failures (``router.registry`` has the worker states). Each flight records the
-worker and incarnation running its current stage and the tokens its client
-has been sent. When that worker dies (or fails the request with a 503), the
-request runs again under a new attempt id ``<id>@r<n>``: from its prompt when
-nothing was sent yet, else on a decode-capable worker from prompt + the tokens
-sent (``Resume``), which recomputes their KV and continues the same stream.
-Output of an older attempt is dropped (and its work aborted), so a late delta
-never duplicates a token. A lost encoder costs nothing: the prefill worker
-encodes the raw images. ``retry_budget`` recoveries per request; a missing
-role is waited for ``worker_wait_s`` while a worker of it may come back.
+Failures: when the worker running a request's stage dies (or fails it with a 503), the
+request runs again under a new attempt id ``<id>@r<n>`` (``_recover``): from its prompt
+when nothing was sent yet, else on a decode-capable worker from prompt + the tokens sent
+(``Resume``). Output of an older attempt is dropped and its work aborted, so no token is
+duplicated (docs/architecture.md, "Failures", has the whole story).
 """
 
 from __future__ import annotations
@@ -42,7 +38,9 @@ from bus import messages as m
 from bus.sockets import AsyncSocket, PeerGone
 from router.backend import ApiError, ApiRequest
 from router.cluster_cache import ClusterCache
-from router.flight import Flight, Superseded, base_id
+from router.flight import Flight, Flights, Superseded
+from router.inbox import Inbox
+from router.liveness import Liveness
 from router.placement import Placement
 from router.plan import Planner, Slo
 from router.plan_metrics import PlanMetrics
@@ -52,11 +50,6 @@ from router.role_switch import RoleSwitcher
 from router.tokenize_calls import TokenizeCalls
 
 log = logging.getLogger("epd.router")
-
-# These mind the worker's liveness themselves (or come from its supervisor); any other message is
-# a sign of life (``Registry.seen``).
-_NOT_SEEN = (m.WorkerReady, m.WorkerGaveUp, m.Heartbeat, m.PullFailed)
-
 
 class RouterCore:
     def __init__(self, served_models: list[str], policy: DispatchPolicy | None = None,
@@ -69,7 +62,7 @@ class RouterCore:
         self.expected = expected or {}
         self.registry = Registry(heartbeat_timeout)
         self.holdings = self.registry.holdings  # which workers hold which request (router.holdings)
-        self.flights: dict[str, Flight] = {}
+        self.flights = Flights()
         self.metrics = metrics
         self.retry_budget = retry_budget
         self.router_id = uuid.uuid4().hex  # workers see a restarted router by its new id
@@ -79,22 +72,29 @@ class RouterCore:
         self.pub: AsyncSocket | None = None
         self.planner = Planner(self.registry, self.flights, slo)
         self.plan_metrics = plan_metrics or PlanMetrics()
-        self.cache = ClusterCache(self.registry, self._policy, self._send, self._to, self._request_of,
+        self.cache = ClusterCache(self.registry, self._policy, self._send, self._to, self.flights.request_of,
                                   self._count_recovery, cluster_cache, cluster_index_bounds)
         self.placement = Placement(self.registry, self.planner, self._policy, self.cache.images_to_encode,
                                    self.plan_metrics, worker_wait_s, max_queue_s)
         self.index = self.cache.index
         self.planner.index, self.planner.remote_prefix = self.index, cluster_cache
         self.tokens = TokenizeCalls(self.registry, self._send)
+        # The Backend's optional calls, answered by the workers (the router holds no tokenizer).
+        self.model_card, self.tokenize, self.detokenize = self.tokens.model_card, self.tokens.tokenize, \
+            self.tokens.detokenize
         self.switches = RoleSwitcher(self, switch_drain_s)  # live role switches (admin)
-        self._handlers = {
-            m.WorkerReady: self._on_ready, m.WorkerGaveUp: self._on_gave_up, m.Heartbeat: self._on_heartbeat,
-            m.PullFailed: self._on_pull_failed, m.Tokenized: self._on_tokenized,
-            m.KvCacheEvent: self._on_cache_event, m.EmbeddingCacheEvent: self._on_cache_event,
-            m.PrefixQuery: self._on_prefix_query, m.PrefixExported: self._on_prefix_exported,
+        self.liveness = Liveness(self.registry, self.planner, self._send, self.router_id, self._worker_lost,
+                                 self.switches.on_ready)
+        live, cache = self.liveness, self.cache
+        handlers = {  # one per message type (router.inbox)
+            m.WorkerReady: live.on_ready, m.WorkerGaveUp: live.on_gave_up, m.Heartbeat: self._on_heartbeat,
+            m.PullFailed: live.on_pull_failed, m.Tokenized: lambda wid, msg: self.tokens.on_answer(msg),
+            m.KvCacheEvent: cache.on_cache_event, m.EmbeddingCacheEvent: cache.on_cache_event,
+            m.PrefixQuery: cache.on_prefix_query, m.PrefixExported: cache.on_prefix_exported,
             m.KvTaken: self._on_kv_taken, m.EncodeDone: self._on_encode_done, m.PrefillDone: self._on_prefill_done,
             m.TokenDelta: self._on_token_delta, m.RequestFailed: self._on_request_failed,
         }
+        self.inbox = Inbox(handlers, live.seen, self._fail_flight)
 
     @property
     def policy(self) -> DispatchPolicy:
@@ -112,7 +112,7 @@ class RouterCore:
     async def start(self, worker_addr: str, control_addr: str | None = None) -> None:
         self.sock = AsyncSocket("router", worker_addr, bind=True)
         self.pub = AsyncSocket("pub", control_addr, bind=True) if control_addr else None
-        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._monitor())]
+        self._tasks = [asyncio.create_task(self.inbox.run(self.sock)), asyncio.create_task(self._monitor())]
 
     @property
     def worker_address(self) -> str:
@@ -133,32 +133,12 @@ class RouterCore:
         task.add_done_callback(self._background.discard)
 
     # ---- Backend ----------------------------------------------------------------------------
-    def model_card(self) -> dict:
-        return self.tokens.model_card()
-
-    async def tokenize(self, messages: list[dict] | None, prompt: str | None, images: list[bytes],
-                       add_special_tokens: bool | None, add_generation_prompt: bool) -> list[int]:
-        return await self.tokens.tokenize(messages, prompt, images, add_special_tokens, add_generation_prompt)
-
-    async def detokenize(self, token_ids: list[int]) -> str:
-        return await self.tokens.detokenize(token_ids)
-
     def health(self) -> tuple[bool, dict]:
         counts = self.registry.counts()
         missing = {r: n - counts.get(r, 0) for r, n in self.expected.items() if counts.get(r, 0) < n}
         ready = not missing and bool(counts)
-        now = time.monotonic()
-        reg = self.registry
-        detail = {"workers": {w.worker_id: {"role": w.role, "alive": w.alive, "state": reg.state(w, now),
-                                            "load": w.load, "incarnation": w.info.incarnation,
-                                            "device": w.info.device, "pid": w.info.pid,
-                                            "restarts": reg.restarts.get(w.worker_id, 0),
-                                            **({"given_up": reg.given_up[w.worker_id]}
-                                               if w.worker_id in reg.given_up else {}),
-                                            **({"suspect": w.suspect_why} if now < w.suspect_until else {})}
-                              for w in reg.workers.values()},
-                  "missing": missing, "recoveries": dict(self.recoveries)}
-        return ready, detail
+        return ready, {"workers": self.registry.health_view(), "missing": missing,
+                       "recoveries": dict(self.recoveries)}
 
     async def generate(self, req: ApiRequest):
         flight = Flight(req)
@@ -238,103 +218,30 @@ class RouterCore:
             except PeerGone:  # gone since its last message: count it dead, pick again
                 self.holdings.remove(rid, worker.worker_id)
                 flight.owner = None
-                self._worker_died(worker, "its connection is gone")
-
-    def _flight_of(self, rid: str) -> tuple[Flight | None, bool]:
-        """The flight a worker's request id belongs to, and whether it names the current attempt."""
-        flight = self.flights.get(rid)
-        if flight is None and "@r" in rid:
-            flight = self.flights.get(base_id(rid))
-        return flight, flight is not None and flight.wire_id == rid
-
-    def _request_of(self, rid: str) -> ApiRequest | None:
-        flight, _ = self._flight_of(rid)
-        return flight.req if flight is not None else None
+                self.liveness.died(worker, "its connection is gone")
 
     def _count_recovery(self, stage: str) -> None:
         self.recoveries[stage] += 1
 
     # ---- worker messages ------------------------------------------------------------------------
-    async def _recv_loop(self) -> None:
-        while True:
-            try:
-                ident, msg = await self.sock.recv()
-            except ValueError as e:  # a malformed message: log it, keep serving
-                log.warning("dropping a malformed worker message: %s", e)
-                continue
-            wid = ident.decode() if ident else "?"
-            # A step's batch is handled delta by delta: each passes the ownership checks alone.
-            for one in msg.deltas if isinstance(msg, m.TokenDeltas) else (msg,):
-                await self._on_one_message(wid, one)
+    def _fail_flight(self, msg, e: ApiError) -> None:
+        """A handler's error about a request: its client gets it (if it reads the current attempt)."""
+        flight, current = self.flights.of(getattr(msg, "request_id", None) or "")
+        if flight is not None and current:
+            flight.queue.put_nowait(e)
 
-    async def _on_one_message(self, wid: str, msg) -> None:
-        try:
-            await self._on_worker_message(wid, msg)
-        except ApiError as e:
-            flight, current = self._flight_of(getattr(msg, "request_id", None) or "")
-            if flight is not None and current:
-                flight.queue.put_nowait(e)
-        except Exception:  # noqa: BLE001 - one bad message never stops the router
-            log.exception("error handling %s from %s", type(msg).__name__, wid)
-
-    async def _on_worker_message(self, wid: str, msg) -> None:
-        if not isinstance(msg, _NOT_SEEN):
-            self.registry.seen(wid)
-        handler = self._handlers.get(type(msg))
-        if handler is not None:
-            await handler(wid, msg)
-
-    async def _on_ready(self, wid: str, msg: m.WorkerReady) -> None:
-        prev = self.registry.workers.get(wid)
-        old_role = prev.role if prev is not None else None
-        rec, old = self.registry.register(msg.info)
-        if rec.info is not msg.info:
-            return  # of a role epoch it has left since
-        self.switches.on_ready(rec, old_role)
-        self.planner.on_ready(msg.info)
-        if old is not None:
-            self._worker_lost(old, "it restarted")
-        log.info("worker %s registered: %s on %s%s", wid, msg.info.role, msg.info.device,
-                 "" if old is None else f" (restart {self.registry.restarts.get(wid, 0)})")
-
-    async def _on_gave_up(self, wid: str, msg: m.WorkerGaveUp) -> None:
-        self.registry.given_up[msg.worker_id] = msg.reason or f"{msg.restarts} restarts"
-        log.error("worker %s given up by its supervisor: %s", msg.worker_id, msg.reason)
-
-    async def _on_heartbeat(self, wid: str, msg: m.Heartbeat) -> None:
-        was_dead = (rec := self.registry.workers.get(msg.worker_id)) is not None and not rec.alive
-        rec = self.registry.heartbeat(msg)
-        self.planner.on_heartbeat(msg)
-        if rec is not None and was_dead:
-            log.warning("worker %s is back (it was only silent)", wid)
+    def _on_heartbeat(self, wid: str, msg: m.Heartbeat) -> None:
+        rec = self.liveness.on_heartbeat(wid, msg)
         if rec is not None and self.metrics is not None:
             self.metrics.update_worker(rec)
             self.metrics.update_counts(self.registry.counts())
             self.metrics.update_cluster(self.index.stats(), self.cache.stats, self.index.capacity,
                                         self.index.evictions)
 
-    async def _on_pull_failed(self, wid: str, msg: m.PullFailed) -> None:
-        for rec in self.registry.workers.values():
-            if rec.alive and rec.info.transfer == msg.holder:
-                log.warning("worker %s is suspect: %s could not pull from it (%s)", rec.worker_id, wid, msg.reason)
-                self.registry.suspect(rec, f"{wid} could not pull from it: {msg.reason}")
-
-    async def _on_tokenized(self, wid: str, msg: m.Tokenized) -> None:
-        self.tokens.on_answer(msg)
-
-    async def _on_cache_event(self, wid: str, msg: m.KvCacheEvent | m.EmbeddingCacheEvent) -> None:
-        self.cache.on_cache_event(wid, msg)
-
-    async def _on_prefix_query(self, wid: str, msg: m.PrefixQuery) -> None:
-        await self.cache.on_prefix_query(wid, msg)
-
-    async def _on_prefix_exported(self, wid: str, msg: m.PrefixExported) -> None:
-        await self.cache.on_prefix_exported(wid, msg)
-
     async def _on_kv_taken(self, wid: str, msg: m.KvTaken) -> None:
         if await self.cache.on_kv_taken(msg):
             return  # a prefix export's copy
-        flight, current = self._flight_of(msg.request_id)
+        flight, current = self.flights.of(msg.request_id)
         await self._release_kv(flight if current else None, msg.kv_key)
 
     async def _on_encode_done(self, wid: str, msg: m.EncodeDone) -> None:
@@ -373,7 +280,7 @@ class RouterCore:
         """The flight ``msg`` is about when someone still reads it: its current attempt, from the
         worker owning its stage (or any worker, ``any_owner``). Else None, and what ``msg`` left
         behind is cleaned up: parked KV released, orphaned work aborted."""
-        flight, current = self._flight_of(msg.request_id)
+        flight, current = self.flights.of(msg.request_id)
         if (flight is None or flight.done or not current
                 or (not any_owner and flight.owner is not None and flight.owner[0] != wid)):
             # A finished request, its client gone, or an older attempt's owner: nobody reads this.
@@ -438,26 +345,11 @@ class RouterCore:
 
     # ---- failures -------------------------------------------------------------------------------
     async def _monitor(self) -> None:
-        """Expire silent workers; ping the others (a closed connection shows at once)."""
         while True:
             await asyncio.sleep(0.5)
-            for rec in self.registry.expire():
-                self._worker_died(rec, f"no heartbeat for {self.registry.heartbeat_timeout:.0f} s")
-            ping = m.Ping(router_id=self.router_id)
-            for rec in [w for w in self.registry.workers.values() if w.alive]:
-                try:
-                    await self._send(rec.worker_id, ping)
-                except PeerGone:
-                    self._worker_died(rec, "its connection closed")
+            await self.liveness.check()
             if self.metrics is not None and hasattr(self.metrics, "update_resilience"):
                 self.metrics.update_resilience(self.registry, self.recoveries)
-
-    def _worker_died(self, rec: WorkerRecord, why: str) -> None:
-        if not rec.alive:
-            return
-        rec.alive = False
-        log.error("%s worker %s is dead: %s", rec.role, rec.worker_id, why)
-        self._worker_lost(rec, why)
 
     def _worker_lost(self, rec: WorkerRecord, why: str) -> None:
         """A dead or restarted incarnation holds nothing: requests it ran move elsewhere."""

@@ -72,6 +72,21 @@ class Flight:
                         d.cached_tokens, logprobs)
 
 
+class Flights(dict[str, Flight]):
+    """The requests in flight by request id; ``of`` finds the one a worker's message is about."""
+
+    def of(self, wire_id: str) -> tuple[Flight | None, bool]:
+        """The flight an attempt id belongs to, and whether it names the current attempt."""
+        flight = self.get(wire_id)
+        if flight is None and "@r" in wire_id:
+            flight = self.get(base_id(wire_id))
+        return flight, flight is not None and flight.wire_id == wire_id
+
+    def request_of(self, wire_id: str) -> ApiRequest | None:
+        flight, _ = self.of(wire_id)
+        return flight.req if flight is not None else None
+
+
 def base_id(wire_id: str) -> str:
     """The request id of an attempt id ``<id>@r<n>`` (the id itself when it is the first)."""
     return wire_id.rpartition("@r")[0] if "@r" in wire_id else wire_id

@@ -155,6 +155,17 @@ class Registry:
                 if (w.switch_to or w.role) == role and w.worker_id not in self.given_up
                 and (w.switch != "active" or self.state(w, now) != "alive")]
 
+    def health_view(self) -> dict[str, dict]:
+        """For ``/health``: worker id -> its role, state, load, incarnation, device, pid, restarts
+        (and why it was given up, or is suspect)."""
+        now = time.monotonic()
+        return {w.worker_id: {"role": w.role, "alive": w.alive, "state": self.state(w, now), "load": w.load,
+                              "incarnation": w.info.incarnation, "device": w.info.device, "pid": w.info.pid,
+                              "restarts": self.restarts.get(w.worker_id, 0),
+                              **({"given_up": self.given_up[w.worker_id]} if w.worker_id in self.given_up else {}),
+                              **({"suspect": w.suspect_why} if now < w.suspect_until else {})}
+                for w in self.workers.values()}
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for w in self.workers.values():
