@@ -24,9 +24,9 @@ from router.images import ImageResolver
 from router.json_body import parse_body
 from router.limits import ApiLimits
 from router.metrics import ApiMetrics, RequestTracker
-from router.openai_protocol import (SSE_DONE, ParsedRequest, ResponseBuilder, dumps, parse_chat,
-                                    parse_completion, parse_detokenize, parse_tokenize,
-                                    sample_requests, sse_event)
+from router.openai_protocol import (ParsedRequest, parse_chat, parse_completion, parse_detokenize, parse_tokenize,
+                                    sample_requests)
+from router.openai_responses import SSE_DONE, ResponseBuilder, dumps, sse_event
 
 log = logging.getLogger(__name__)
 

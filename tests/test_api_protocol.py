@@ -15,8 +15,8 @@ from bus.sampling_params import SamplingParams
 from router.backend import ApiDelta, ApiError
 from router.images import ImageResolver, check_image, decode_data_url
 from router.limits import ApiLimits
-from router.openai_protocol import (ParsedRequest, ResponseBuilder, dumps, parse_chat,
-                                    parse_completion, sse_event)
+from router.openai_protocol import ParsedRequest, parse_chat, parse_completion
+from router.openai_responses import ResponseBuilder, dumps, sse_event
 
 MODELS = ["tiny-vlm"]
 LIMITS = ApiLimits()
