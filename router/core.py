@@ -14,10 +14,10 @@ registry of workers and ``Holdings`` (which worker holds which request,
 ``router.registry``, ``router.holdings``), the cluster cache (``router.cluster_cache``:
 a request skips work done before anywhere in the cluster, images already
 encoded, prompt blocks already computed), tokenize calls (``router.tokenize_calls``),
-the planner and policy (``router.plan``, ``router.policy``) and live role
-switches (``router.role_switch``), where stages go (``router.placement``), worker
-liveness (``router.liveness``). Worker messages reach one handler per message type
-(``router.inbox``).
+the planner and policy (``router.plan``, ``router.policy``), live role switches
+(``router.role_switch``), where stages go (``router.placement``), worker liveness
+(``router.liveness``) and the sockets (``router.link``). Worker messages reach one
+handler per message type (``router.inbox``).
 
 Failures: when the worker running a request's stage dies (or fails it with a 503), the
 request runs again under a new attempt id ``<id>@r<n>`` (``_recover``): from its prompt
@@ -35,11 +35,12 @@ import uuid
 from collections import Counter
 
 from bus import messages as m
-from bus.sockets import AsyncSocket, PeerGone
+from bus.sockets import PeerGone
 from router.backend import ApiError, ApiRequest
 from router.cluster_cache import ClusterCache
 from router.flight import Flight, Flights, Superseded
 from router.inbox import Inbox
+from router.link import WorkerLink
 from router.liveness import Liveness
 from router.placement import Placement
 from router.plan import Planner, Slo
@@ -50,6 +51,7 @@ from router.role_switch import RoleSwitcher
 from router.tokenize_calls import TokenizeCalls
 
 log = logging.getLogger("epd.router")
+
 
 class RouterCore:
     def __init__(self, served_models: list[str], policy: DispatchPolicy | None = None,
@@ -67,9 +69,8 @@ class RouterCore:
         self.retry_budget = retry_budget
         self.router_id = uuid.uuid4().hex  # workers see a restarted router by its new id
         self.recoveries: Counter[str] = Counter()  # stage -> requests moved off a failed worker
-        self._tasks: list[asyncio.Task] = []
-        self._background: set[asyncio.Task] = set()
-        self.pub: AsyncSocket | None = None
+        self.link = WorkerLink()  # the worker and control sockets (router.link)
+        self._send, self._send_quiet, self._spawn = self.link.send, self.link.send_quiet, self.link.spawn
         self.planner = Planner(self.registry, self.flights, slo)
         self.plan_metrics = plan_metrics or PlanMetrics()
         self.cache = ClusterCache(self.registry, self._policy, self._send, self._to, self.flights.request_of,
@@ -82,7 +83,8 @@ class RouterCore:
         # The Backend's optional calls, answered by the workers (the router holds no tokenizer).
         self.model_card, self.tokenize, self.detokenize = self.tokens.model_card, self.tokens.tokenize, \
             self.tokens.detokenize
-        self.switches = RoleSwitcher(self, switch_drain_s)  # live role switches (admin)
+        self.switches = RoleSwitcher(self.registry, self.flights, self.index, self._send, self._spawn,  # admin
+                                     self._hand_over, self.expected, metrics, switch_drain_s)
         self.liveness = Liveness(self.registry, self.planner, self._send, self.router_id, self._worker_lost,
                                  self.switches.on_ready)
         live, cache = self.liveness, self.cache
@@ -110,27 +112,16 @@ class RouterCore:
 
     # ---- sockets ----------------------------------------------------------------------------
     async def start(self, worker_addr: str, control_addr: str | None = None) -> None:
-        self.sock = AsyncSocket("router", worker_addr, bind=True)
-        self.pub = AsyncSocket("pub", control_addr, bind=True) if control_addr else None
-        self._tasks = [asyncio.create_task(self.inbox.run(self.sock)), asyncio.create_task(self._monitor())]
+        self.link.start(worker_addr, control_addr)
+        self._spawn(self.inbox.run(self.link.sock))
+        self._spawn(self._monitor())
 
     @property
     def worker_address(self) -> str:
-        return self.sock.address
+        return self.link.address
 
     async def close(self, shutdown_workers: bool = False) -> None:
-        if shutdown_workers and self.pub is not None:
-            await self.pub.send(m.Shutdown(reason="router closing"), to=b"ctl")
-        for t in [*self._tasks, *self._background]:
-            t.cancel()
-        self.sock.close()
-        if self.pub is not None:
-            self.pub.close()
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        await self.link.close(shutdown_workers)
 
     # ---- Backend ----------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
@@ -327,22 +318,6 @@ class RouterCore:
         self.holdings.remove(flight.req.request_id, holder)
         await self._send_quiet(holder, m.ReleaseKv(kv_key=key))
 
-    async def _send(self, wid: str, msg) -> None:
-        """Deliver ``msg`` to worker ``wid``; raises PeerGone when its connection is gone."""
-        await self.sock.send(msg, to=wid.encode())
-
-    async def _send_pub(self, msg) -> None:
-        try:
-            await self.pub.send(msg, to=b"ctl")
-        except Exception:  # noqa: BLE001 - a broadcast is best effort
-            log.exception("broadcasting %s failed", type(msg).__name__)
-
-    async def _send_quiet(self, wid: str, msg) -> None:
-        try:
-            await self._send(wid, msg)
-        except PeerGone:
-            pass
-
     # ---- failures -------------------------------------------------------------------------------
     async def _monitor(self) -> None:
         while True:
@@ -355,9 +330,9 @@ class RouterCore:
         """A dead or restarted incarnation holds nothing: requests it ran move elsewhere."""
         self.cache.forget_worker(rec, why)
         self.holdings.drop_worker(rec.worker_id)
-        if self.pub is not None:  # pulls waiting on it end now, not at their timeout
-            gone = m.WorkerGone(worker_id=rec.worker_id, transfer=rec.info.transfer, reason=why)
-            self._spawn(self._send_pub(gone))
+        # Pulls waiting on it end now, not at their timeout.
+        gone = m.WorkerGone(worker_id=rec.worker_id, transfer=rec.info.transfer, reason=why)
+        self._spawn(self.link.broadcast(gone))
         me = (rec.worker_id, rec.info.incarnation)
         for flight in list(self.flights.values()):
             if flight.done:
@@ -367,6 +342,10 @@ class RouterCore:
             if flight.owner == me and flight.stage != "encode":  # the E stage recovers on its own
                 self._spawn(self._recover(flight, flight.stage, f"the {rec.role} worker {rec.worker_id} "
                                                                 f"failed: {why}"))
+
+    async def _hand_over(self, flight: Flight, stage: str, why: str) -> None:
+        """A role switch moves ``flight`` off its draining worker (no retry budget charged)."""
+        await self._recover(flight, stage, why, budgeted=False)
 
     async def _recover(self, flight: Flight, stage: str, why: str, budgeted: bool = True) -> None:
         """Run the request again under a new attempt id: from its prompt if the client has seen

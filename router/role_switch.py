@@ -27,10 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable, Callable
 
 from bus import messages as m
 from router.backend import ApiError
-from router.registry import WorkerRecord
+from router.cluster_index import ClusterIndex
+from router.flight import Flight, Flights
+from router.registry import Registry, WorkerRecord
 
 log = logging.getLogger("epd.router")
 
@@ -39,8 +42,20 @@ POLL_S = 0.05
 
 
 class RoleSwitcher:
-    def __init__(self, core, drain_s: float = 30.0, ready_timeout_s: float = 600.0):
-        self.core = core
+    """A component of ``RouterCore``. It reads the registry, the flights and ``Holdings``; it tells
+    the worker through ``send(worker id, message)``, runs its switches as tasks through ``spawn``,
+    and moves a request off a draining worker through ``hand_over(flight, stage, why)`` (the core's
+    recovery path, not charged to the request's retry budget). ``expected`` is the deployment's
+    roles that ``/health`` waits for (a switch moves one); ``worker_metrics`` forgets a worker's
+    series of its old role."""
+
+    def __init__(self, registry: Registry, flights: Flights, index: ClusterIndex,
+                 send: Callable[[str, object], Awaitable[None]], spawn: Callable[[Awaitable], None],
+                 hand_over: Callable[[Flight, str, str], Awaitable[None]], expected: dict[str, int],
+                 worker_metrics=None, drain_s: float = 30.0, ready_timeout_s: float = 600.0):
+        self.registry, self.holdings, self.flights, self.index = registry, registry.holdings, flights, index
+        self._send, self._spawn, self._hand_over_one = send, spawn, hand_over
+        self.expected, self.worker_metrics = expected, worker_metrics
         self.drain_s = drain_s  # past this, what the worker still holds is handed over
         self.ready_timeout_s = ready_timeout_s  # a worker silent this long after SwitchRole: given up
         self.metrics = None  # router.metrics.RoleSwitchMetrics, set by the server
@@ -53,7 +68,7 @@ class RoleSwitcher:
             raise ApiError(400, f"'role' must be one of {', '.join(SWITCHABLE)}, not {role!r}", param="role")
         if drain_s is not None and not (isinstance(drain_s, (int, float)) and 0 <= drain_s <= 3600):
             raise ApiError(400, "'drain_s' must be a number of seconds in [0, 3600]", param="drain_s")
-        reg = self.core.registry
+        reg = self.registry
         rec = reg.workers.get(worker_id)
         if rec is None:
             raise ApiError(404, f"no worker {worker_id!r}", code="worker_not_found")
@@ -72,7 +87,7 @@ class RoleSwitcher:
                                 f"no {rec.role} worker", code="last_of_role")
         epoch = rec.info.epoch + 1
         rec.switch, rec.switch_to = "draining", role
-        self.core._spawn(self._run(rec, role, epoch, self.drain_s if drain_s is None else float(drain_s)))
+        self._spawn(self._run(rec, role, epoch, self.drain_s if drain_s is None else float(drain_s)))
         log.info("role switch: %s %s -> %s (epoch %d), draining", worker_id, rec.role, role, epoch)
         return {"worker_id": worker_id, "from": rec.role, "role": role, "epoch": epoch, "state": rec.switch}
 
@@ -95,10 +110,10 @@ class RoleSwitcher:
                 return
             rec.switch = "switching"
             # What it held in its old role is about to be freed: no more hints that point at it.
-            self.core.index.forget_worker(wid)
+            self.index.forget_worker(wid)
             fut = asyncio.get_running_loop().create_future()
             self._ready[wid] = (epoch, fut)
-            await self.core.sock.send(m.SwitchRole(role=role, epoch=epoch), to=wid.encode())
+            await self._send(wid, m.SwitchRole(role=role, epoch=epoch))
             ready_by = time.monotonic() + self.ready_timeout_s
             while not fut.done():  # a worker that dies meanwhile ends the switch (its record says why)
                 if not self._same(rec, incarnation):
@@ -118,12 +133,12 @@ class RoleSwitcher:
         finally:
             if self._ready.get(wid, (None, None))[1] is fut:
                 self._ready.pop(wid, None)
-            if self.core.registry.workers.get(wid) is rec:
+            if self.registry.workers.get(wid) is rec:
                 rec.switch, rec.switch_to = "active", None
 
     def _same(self, rec: WorkerRecord, incarnation: str) -> bool:
         """Still the live incarnation the switch began with (a death or restart ends the switch)."""
-        return self.core.registry.workers.get(rec.worker_id) is rec and rec.alive and \
+        return self.registry.workers.get(rec.worker_id) is rec and rec.alive and \
             rec.info.incarnation == incarnation
 
     def _holds(self, rec: WorkerRecord, strict: bool) -> bool:
@@ -132,7 +147,7 @@ class RoleSwitcher:
         if rec.in_flight:
             return True
         wid, card = rec.worker_id, rec.info.transfer
-        for f in self.core.flights.values():
+        for f in self.flights.values():
             if f.done:
                 continue
             if (f.kv is not None and f.kv[0] == wid) or (f.owner is not None and f.owner[0] == wid):
@@ -145,21 +160,21 @@ class RoleSwitcher:
         """Past the drain deadline: every request ``rec`` still runs or parks KV for moves elsewhere
         through the recovery path (not charged to its retry budget). An encoder's embeddings that
         a prefill has yet to pull are not waited for: that prefill encodes the raw image instead."""
-        core, wid, n = self.core, rec.worker_id, 0
-        for f in list(core.flights.values()):
+        wid, n = rec.worker_id, 0
+        for f in list(self.flights.values()):
             if f.done:
                 continue
             holds = (f.kv is not None and f.kv[0] == wid) or (f.owner is not None and f.owner[0] == wid)
             if holds and f.stage != "encode":
                 n += 1
-                core._spawn(core._recover(f, f.stage, f"{wid} is switching role", budgeted=False))
+                self._spawn(self._hand_over_one(f, f.stage, f"{wid} is switching role"))
         log.warning("role switch: %s still held work after the drain deadline; %d request(s) handed over", wid, n)
 
     def _forget_finished(self, rec: WorkerRecord) -> None:
         for rid in rec.in_flight:
-            f = self.core.flights.get(rid)
+            f = self.flights.get(rid)
             if f is None or f.done:  # finished or left while it drained
-                self.core.holdings.remove(rid, rec.worker_id)
+                self.holdings.remove(rid, rec.worker_id)
 
     # ---- the worker's messages ----------------------------------------------------------------
     def on_ready(self, rec: WorkerRecord, old_role: str | None) -> None:
@@ -169,13 +184,13 @@ class RoleSwitcher:
         if want is None or rec.info.epoch != want[0] or want[1].done():
             return
         rec.kv_blocks_total, rec.kv_blocks_used, rec.running, rec.waiting = rec.info.num_kv_blocks, 0, 0, 0
-        self.core.index.forget_worker(rec.worker_id)  # events of the old role that came meanwhile
-        exp = self.core.expected  # /health waits for the roles a deployment expects: one moved
+        self.index.forget_worker(rec.worker_id)  # events of the old role that came meanwhile
+        exp = self.expected  # /health waits for the roles a deployment expects: one moved
         if old_role and exp.get(old_role):
             exp[old_role] -= 1
             exp[rec.role] = exp.get(rec.role, 0) + 1
-        if self.core.metrics is not None and hasattr(self.core.metrics, "forget_role") and old_role:
-            self.core.metrics.forget_role(rec.worker_id, old_role)
+        if self.worker_metrics is not None and hasattr(self.worker_metrics, "forget_role") and old_role:
+            self.worker_metrics.forget_role(rec.worker_id, old_role)
         want[1].set_result(None)
 
     def view(self, rec: WorkerRecord) -> dict:
