@@ -86,7 +86,8 @@ class StageWorker(PeerCacheMixin, RoleSwitchMixin):
                            block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
                            kv_cache_memory_gb=a.kv_cache_memory_gb, max_model_len=a.max_model_len,
                            max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                           enable_prefix_caching=not a.no_prefix_caching, role=a.role)
+                           enable_prefix_caching=not a.no_prefix_caching, role=a.role,
+                           async_decode=None if a.async_decode == "auto" else a.async_decode in ("on", "true"))
         self.engine = LLMEngine(cfg)
         cost_model = profiler.profile(self.engine, self.role, use_cache=not a.no_profile_cache)
         self.encode_timings: deque[list[float]] = deque(maxlen=m.MAX_TIMINGS)
@@ -387,6 +388,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     ap.add_argument("--no-profile-cache", action="store_true",
                     help="measure the cost profile again instead of reading it from $EPD_CACHE/profiles")
+    ap.add_argument("--async-decode", default="auto", type=str.lower, choices=["auto", "on", "off", "true", "false"],
+                    help="queue each decode step before reading the last one's tokens (auto: on CUDA)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--log-level", default="INFO", help="logging level")
     return ap.parse_args(argv)

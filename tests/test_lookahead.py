@@ -57,7 +57,10 @@ def _script():
               ("add", "one", PROMPTS[5], g(1)), ("add", "two", PROMPTS[6], g(2))],
         6: [("add", "late", PROMPTS[7], g(20))],  # arrives while the others decode
         9: [("abort", "r3")],
-        14: [("add", "seeded", PROMPTS[0], SamplingParams(temperature=0.8, seed=5, max_tokens=10))],
+        14: [("add", "seeded", PROMPTS[0], SamplingParams(temperature=0.8, seed=5, max_tokens=10)),
+             ("add", "top-p", PROMPTS[3], SamplingParams(temperature=1.2, top_p=0.9, top_k=20, seed=9,
+                                                         max_tokens=14))],
+        17: [("add", "logprobs", PROMPTS[2], g(6, logprobs=2))],  # read on the host: no lookahead while it runs
         20: [("add", "min", PROMPTS[1], g(12, min_tokens=6))],
     }
 
@@ -69,7 +72,7 @@ def test_lookahead_equals_serial_engine(tiny_models, blocks):
     ahead = make_llm(d, block_size=4, num_kv_blocks=blocks, async_decode=True).engine
     want, got = _run(serial, _script()), _run(ahead, _script())
     assert got == want
-    assert "r3" not in got and len(got) == 9  # the aborted one reports nothing
+    assert "r3" not in got and len(got) == 11  # the aborted one reports nothing
     assert got["stop"][2] == "stop" and len(got["stop"][0]) < 40  # the stop string did fire
     assert ahead.lookahead.num_steps > (10 if blocks == 512 else 3)
     assert serial.lookahead is None

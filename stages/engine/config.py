@@ -31,9 +31,12 @@ class EngineConfig:
     # backend supports it.
     cuda_graphs: bool = True
     # Queue decode step N+1 before reading step N's tokens, so the host's bookkeeping overlaps
-    # the device's work (stages/engine/lookahead.py; plain-greedy decode batches only).
+    # the device's work (stages/engine/lookahead.py; decode batches sampled on the device alone).
     # None: on for CUDA, off elsewhere (a CPU step is the host's own work: nothing to overlap).
     async_decode: bool | None = None
+    # Linears of decode steps (<= 16 rows, CUDA, bf16/fp16) through our Triton GEMV where it beat
+    # cuBLAS when timed at start-up (stages/models/gemv_triton.py: prepare_decode_gemv).
+    decode_gemv: bool = False
     # The stage this engine serves; it decides which weights and whether a KV pool are built
     # (stages/engine/roles.py). "mixed" builds everything.
     role: str = "mixed"

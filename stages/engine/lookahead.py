@@ -4,13 +4,16 @@ Without it, a decode step is strictly serial: the GPU computes, the host waits f
 tokens, appends them, checks stops, detokenizes, schedules and builds the next step's inputs,
 and only then does the GPU get work again (~0.6 ms idle per step at batch 1 on an H200, 12% of
 a 7B step). Here, once step N's logits exist, step N+1 is queued before the host reads step
-N's tokens: its input ids are step N's argmax, still on the device, and its rows are step N's
+N's tokens: its input ids are step N's sampled ids, still on the device, and its rows are step N's
 sequences one token further. The host then reads step N's tokens (copied out before step N+1
 was queued, so the read does not wait for it) and does its bookkeeping while the GPU works.
 
 It runs only where the result cannot differ from the serial engine's:
-- a pure-decode step whose every row is plain greedy (no logprobs, penalties or min_tokens
-  masking left), so step N's token is the argmax the sampler would take;
+- a pure-decode step whose every row the sampler draws on the device alone: no logprobs,
+  penalties or min_tokens masking (which read the host's token lists). Greedy rows take the
+  argmax; seeded rows draw from their own generator in the same order as the serial engine, so
+  their tokens are the same too; unseeded rows draw from the device's shared generator, whose
+  stream (unseeded, never reproducible) also feeds the extra draw of a row that stopped;
 - nothing is waiting to be admitted (a new request would join the next step in the serial
   engine; the lookahead stops and the scheduler takes over again);
 - rows sure to finish by length with step N's token are left out of step N+1; rows that stop
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from bus.step_cost import step_features
+from stages.engine.sampler import SampleRequest
 from stages.engine.scheduler import ScheduledSeq
 
 
@@ -72,12 +76,17 @@ class _InFlight:
     t0: float
 
 
-def plain_greedy(seq) -> bool:
-    """Whether the sampler would take the argmax of this row's logits and nothing else, for
-    this step and the next (min_tokens counts the outputs before this step's token)."""
+def samples_on_device(seq) -> bool:
+    """Whether the sampler needs nothing from the host for this row, this step and the next:
+    no logprobs to return, no penalties or min_tokens masking over its token lists
+    (min_tokens counts the outputs before this step's token)."""
     p = seq.params
-    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
+    return (p.logprobs is None and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
             and p.presence_penalty == 0.0 and len(seq.output_token_ids) >= p.min_tokens)
+
+
+def _rows(reqs: list) -> list[SampleRequest]:
+    return [SampleRequest(r.seq.params, r.seq.prompt_token_ids, r.seq.output_token_ids, r.generator) for r in reqs]
 
 
 class DecodeLookahead:
@@ -97,7 +106,7 @@ class DecodeLookahead:
         rows = []
         for i, req in enumerate(reqs):
             seq = req.seq
-            if req.prefill_only or not plain_greedy(seq):
+            if req.prefill_only or not samples_on_device(seq):
                 return None
             # With step N's token appended: does the sequence end by length? Then no step N+1.
             if len(seq.output_token_ids) + 1 >= seq.max_tokens or seq.num_tokens + 1 >= eng.max_model_len:
@@ -121,7 +130,7 @@ class DecodeLookahead:
         rows = self._rows_ahead(reqs)
         if rows is None:
             return None
-        tokens = logits.argmax(dim=-1)
+        tokens = self.engine.sampler.sample(logits, _rows(reqs))
         ticket = self.mailbox.post(tokens)
         ids = tokens if len(rows) == len(reqs) else tokens[torch.tensor(rows, device=tokens.device)]
         self._launch([reqs[i] for i in rows], ids)
@@ -132,7 +141,7 @@ class DecodeLookahead:
         seqs = [r.seq for r in reqs]
         features = step_features([ScheduledSeq(s, 1) for s in seqs])
         logits = self.engine.runner.execute_decode(seqs, ids)
-        tokens = logits.argmax(dim=-1)
+        tokens = self.engine.sampler.sample(logits, _rows(reqs))
         self.pending = _InFlight(reqs, tokens, self.mailbox.post(tokens), features, t0)
         self.num_steps += 1
 

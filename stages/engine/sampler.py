@@ -67,8 +67,17 @@ def advance_generator(generator: torch.Generator | None, draws: int, vocab: int,
         row.uniform_(generator=generator)
 
 
+def _on(device: torch.device, values, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on ``device`` without waiting for the device's queue:
+    ``torch.tensor(..., device="cuda")`` synchronizes the stream, which would stall the host
+    behind a decode step queued ahead (``stages/engine/lookahead.py``). A non-blocking copy
+    from pageable memory is staged at once, so the host list may go right away."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return _on(device, rows, torch.long)
 
 
 def _token_counts(seqs_per_row: list[tuple[Sequence[int], ...]], vocab: int,
@@ -97,7 +106,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> None
     if rep:
         seen = _token_counts([(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in rep],
                              vocab, device) > 0
-        penalty = torch.tensor([rows[i].params.repetition_penalty for i in rep], device=device)
+        penalty = _on(device, [rows[i].params.repetition_penalty for i in rep])
         penalty = penalty.unsqueeze(1)
         idx = _index(rep, device)
         sub = logits[idx]
@@ -106,8 +115,8 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> None
           if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
     if fp:
         counts = _token_counts([(rows[i].output_token_ids,) for i in fp], vocab, device)
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in fp], device=device)
-        pres = torch.tensor([rows[i].params.presence_penalty for i in fp], device=device)
+        freq = _on(device, [rows[i].params.frequency_penalty for i in fp])
+        pres = _on(device, [rows[i].params.presence_penalty for i in fp])
         idx = _index(fp, device)
         sub = logits[idx]
         sub -= freq.unsqueeze(1) * counts
@@ -118,7 +127,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> None
 def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
     """Drop ids whose probability is below min_p * (top probability); in place."""
     probs = logits.softmax(dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=logits.device).unsqueeze(1)
+    threshold = probs.amax(dim=-1, keepdim=True) * _on(logits.device, list(min_p)).unsqueeze(1)
     return logits.masked_fill_(probs < threshold, _NEG_INF)
 
 
@@ -128,7 +137,7 @@ def apply_top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     Every top_k[i] must be >= 1. Cheaper than a full sort when top_p is off.
     """
     ks = [min(k, logits.shape[1]) for k in top_k]
-    k = torch.tensor(ks, device=logits.device)
+    k = _on(logits.device, ks)
     values = logits.topk(max(ks), dim=-1).values  # max from the list: no device sync
     threshold = values.gather(1, (k - 1).unsqueeze(1))
     return logits.masked_fill_(logits < threshold, _NEG_INF)
@@ -144,11 +153,11 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int],
     """
     vocab, device = logits.shape[1], logits.device
     ordered, order = logits.sort(dim=-1)  # ascending
-    k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=device)
+    k = _on(device, [min(k, vocab) if k > 0 else vocab for k in top_k])
     kth = ordered.gather(1, (vocab - k).unsqueeze(1))
     ordered.masked_fill_(ordered < kth, _NEG_INF)
     # 1 - p computed in double, then rounded, as HF's python-float comparison does.
-    mass_to_drop = torch.tensor([1.0 - p for p in top_p], device=device).unsqueeze(1)
+    mass_to_drop = _on(device, [1.0 - p for p in top_p]).unsqueeze(1)
     drop = ordered.softmax(dim=-1).cumsum_(dim=-1) <= mass_to_drop
     drop[:, -1] = False
     ordered.masked_fill_(drop, _NEG_INF)
@@ -175,12 +184,17 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> SampleResult:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        tokens = self.sample(logits, rows)
+        return SampleResult(tokens.tolist(), _logprobs(logits, rows, want_logprobs, tokens))
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+        """The sampled ids [B] on the logits' device, without waiting for them."""
         batch = len(rows)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         processed = [_needs_processing(r) for r in rows]
-        if len(greedy) == batch and not want_logprobs and not any(processed):
-            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * batch)
+        if len(greedy) == batch and not any(processed):
+            return logits.argmax(dim=-1)
 
         tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
         if greedy:
@@ -191,7 +205,7 @@ class Sampler:
             x = self._prepare(logits, sampled, rows, writable=any(processed[i] for i in sampled))
             tokens[_index(sampled, logits.device)] = _draw(x, [rows[i] for i in sampled],
                                                            owned=x is not logits)
-        return SampleResult(tokens.tolist(), _logprobs(logits, rows, want_logprobs, tokens))
+        return tokens
 
     def _prepare(self, logits: torch.Tensor, idx: list[int], rows: list[SampleRequest],
                  writable: bool) -> torch.Tensor:
@@ -232,7 +246,7 @@ def _filter_rows(x: torch.Tensor, idx: list[int],
 
 def _draw(x: torch.Tensor, rows: list[SampleRequest], owned: bool) -> torch.Tensor:
     """Temperature, min_p, top_k, top_p, then one draw per row; an `owned` x is consumed."""
-    temperature = torch.tensor([r.params.temperature for r in rows], device=x.device).unsqueeze(1)
+    temperature = _on(x.device, [r.params.temperature for r in rows]).unsqueeze(1)
     x = x.div_(temperature) if owned else x.div(temperature)
     params = [r.params for r in rows]
     min_p_rows = [i for i, p in enumerate(params) if p.min_p > 0]
