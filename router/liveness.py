@@ -71,8 +71,8 @@ class Liveness:
     # ---- deaths -------------------------------------------------------------------------------
     async def check(self) -> None:
         """Expire silent workers; ping the others."""
-        for rec in self.registry.expire():
-            self.died(rec, f"no heartbeat for {self.registry.heartbeat_timeout:.0f} s")
+        for rec in self.registry.expire():  # marked dead there: what it held is lost all the same
+            self._dead(rec, f"no heartbeat for {self.registry.heartbeat_timeout:.0f} s")
         ping = m.Ping(router_id=self.router_id)
         for rec in [w for w in self.registry.workers.values() if w.alive]:
             try:
@@ -81,8 +81,10 @@ class Liveness:
                 self.died(rec, "its connection closed")
 
     def died(self, rec: WorkerRecord, why: str) -> None:
-        if not rec.alive:
-            return
-        rec.alive = False
+        if rec.alive:
+            rec.alive = False
+            self._dead(rec, why)
+
+    def _dead(self, rec: WorkerRecord, why: str) -> None:
         log.error("%s worker %s is dead: %s", rec.role, rec.worker_id, why)
         self._lost(rec, why)

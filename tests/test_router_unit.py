@@ -53,8 +53,10 @@ class FakeWorker:
 
     async def next(self, kind, timeout: float = 3.0):
         """The next message of type ``kind`` (pings skipped; anything else fails the test)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
         while True:
-            if not await self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+            if not await self.sock.poll(max(int((end - loop.time()) * 1000), 0), zmq.POLLIN):
                 raise AssertionError(f"{self.worker_id} got no {kind.__name__} within {timeout} s")
             msg = decode(await self.sock.recv_multipart())
             if isinstance(msg, m.Ping):
@@ -320,6 +322,34 @@ def test_with_no_worker_of_the_role_left_the_request_waits_then_fails():
             assert isinstance(out[-1], ApiError) and out[-1].status == 503
             assert "no mixed worker came back" in out[-1].message
             assert c.runs() == {} and not c.core.health()[0]
+
+    _run(main)
+
+
+def test_a_silent_worker_is_dead_past_the_heartbeat_timeout_and_its_request_moves():
+    """Wedged, not gone: its connection stays open (pings go through) but it says nothing."""
+    async def main():
+        async with Cluster({"mixed-0": "mixed", "mixed-1": "mixed"}, heartbeat_timeout=1.0) as c:
+            t, out = c.client(_req("r1"))
+            await c.w["mixed-0"].next(m.GenerateRequest)
+            await c.w["mixed-0"].delta("r1", [4])
+
+            async def beats():  # only mixed-1 keeps beating
+                while True:
+                    await c.w["mixed-1"].beat()
+                    await asyncio.sleep(0.1)
+
+            beating = asyncio.create_task(beats())
+            try:
+                g = await c.w["mixed-1"].next(m.GenerateRequest, timeout=4.0)
+            finally:
+                beating.cancel()
+            assert g.request_id == "r1@r1" and g.resume.token_ids == [4]
+            assert not c.core.registry.workers["mixed-0"].alive and c.core.recoveries["mixed"] == 1
+            assert c.runs() == {"mixed-1": {"r1"}}
+            await c.w["mixed-1"].delta("r1@r1", [5], "stop", total=2)
+            await t
+            assert [tok for d in out for tok in d.token_ids] == [4, 5]
 
     _run(main)
 
