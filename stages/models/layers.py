@@ -12,6 +12,18 @@ import torch
 from torch import nn
 
 
+# The linear for CUDA inputs of at most 16 rows (decode steps): set by
+# gemv_triton.prepare_decode_gemv (engine flag decode_gemv); None: torch's everywhere.
+small_rows_linear = None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``nn.functional.linear``, or the decode GEMV kernel for small CUDA batches once prepared."""
+    if small_rows_linear is not None and x.shape[0] <= 16 and x.is_cuda:
+        return small_rows_linear(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
@@ -67,13 +79,14 @@ class GatedMLP(nn.Module):
         self.gate_up_weight, self.gate_up_bias = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = nn.functional.linear(x, self.gate_up_weight, self.gate_up_bias)
+        down = self.down_proj
+        gate_up = linear(x, self.gate_up_weight, self.gate_up_bias)
         if self.fused:
             from stages.models.triton_ops import silu_mul
 
-            return self.down_proj(silu_mul(gate_up))
+            return linear(silu_mul(gate_up), down.weight, down.bias)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return linear(nn.functional.silu(gate) * up, down.weight, down.bias)
 
 
 def rope_inv_freq(rope: dict, head_dim: int) -> tuple[torch.Tensor, float]:

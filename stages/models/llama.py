@@ -13,7 +13,7 @@ from torch import nn
 
 from stages.attention.backend import AttentionBackend, AttentionMetadata
 from stages.models.base import EngineModel, copy_named_weights
-from stages.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, fuse_linears
+from stages.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, fuse_linears, linear
 
 
 class DecoderSpec:
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         from stages.models.triton_ops import rope_
 
         s, t, d = self.spec, x.shape[0], self.spec.head_dim
-        qkv = nn.functional.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)
         nq, nk = s.heads * d, s.kv_heads * d
         v = qkv[:, nq + nk:].view(t, s.kv_heads, d)
         if s.qk_norm:
@@ -78,13 +78,13 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k_cache, v_cache, k, v, meta)
         o = self.backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, s.heads * d))
+        return linear(o.reshape(t, s.heads * d), self.o_proj.weight, self.o_proj.bias)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache):
         if self.fused:
             return self._forward_fused(x, cos, sin, meta, kv_cache)
         s, t, d = self.spec, x.shape[0], self.spec.head_dim
-        qkv = nn.functional.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)
         nq, nk = s.heads * d, s.kv_heads * d
         v = qkv[:, nq + nk:].view(t, s.kv_heads, d)
         if s.qk_norm:
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k_cache, v_cache, k, v, meta)
         o = self.backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, nq))
+        return linear(o.reshape(t, nq), self.o_proj.weight, self.o_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -177,7 +177,7 @@ class DecoderLM(EngineModel):
         return self.model(inputs_embeds, positions, meta, kv_caches)
 
     def compute_logits(self, hidden):
-        return self.lm_head(hidden)
+        return linear(hidden, self.lm_head.weight, self.lm_head.bias)
 
     def checkpoint_name(self, key: str) -> str | None:
         if "rotary_emb.inv_freq" in key:
