@@ -5,7 +5,7 @@ down 18944->3584, lm_head 3584->152064), M in 1, 2, 4, 8, 16 rows, bf16: one CUD
 calls on different weight tensors (28 of them, fewer only where 28 would pass 8 GB: lm_head; a
 weight is read again only after GBs of others, so L2 (50 MB) never serves it), 10 warm-up
 replays, median of 50. Reports µs per call, TB/s of weight bytes, max |error| vs F.linear, the
-best config per shape and its ratio to cuBLAS; then a whole decode body at M = 1 (28 x qkv, o,
+best config per shape and its ratio to cuBLAS; then a whole decode body at each M (28 x qkv, o,
 gate-up, down in one graph) with cuBLAS vs the best kernels, beside the weight-read floor at the
 measured copy bandwidth; then what ``pick_config`` (the engine's start-up picker) chooses.
 
@@ -118,12 +118,12 @@ def bench_shape(name: str, weights: list[torch.Tensor], m: int) -> dict:
             "best": best, "speedup_vs_cublas": cublas / best["us"] if best else None}
 
 
-def bench_body(weights: dict, picked: dict) -> dict:
-    """28 x (qkv, o, gate-up, down) at M = 1 in one graph: cuBLAS vs the best kernel per shape
-    (cuBLAS where none beat it)."""
+def bench_body(weights: dict, picked: dict, m: int) -> dict:
+    """28 x (qkv, o, gate-up, down) at ``m`` rows in one graph: cuBLAS vs the best kernel per
+    shape (cuBLAS where none beat it)."""
     from stages.models import gemv_triton as G
 
-    x = {name: torch.randn(1, SHAPES[name][1], device=DEV, dtype=DTYPE) for name in BODY}
+    x = {name: torch.randn(m, SHAPES[name][1], device=DEV, dtype=DTYPE) for name in BODY}
 
     def layer(i, use):
         for name in BODY:
@@ -135,7 +135,7 @@ def bench_body(weights: dict, picked: dict) -> dict:
                 G.gemv(x[name], w, None, cfg)
 
     total = sum(weight_bytes(*SHAPES[name]) for name in BODY) * CALLS
-    out = {"weight_gb": total / 1e9}
+    out = {"m": m, "weight_gb": total / 1e9, "picked": {name: asdict(cfg) for name, cfg in picked.items()}}
     for label, use in (("cublas", False), ("ours", True)):
         us = G.graph_time_us(lambda i: layer(i, use), CALLS, warmup=10, reps=50) * CALLS
         out[f"{label}_us"] = us
@@ -174,7 +174,7 @@ def main() -> None:
         print(f"candidates compiled in {result['compile_s']:.1f} s", flush=True)
     except Exception as e:
         print(f"parallel compile failed ({e}); compiling in the timing loop", flush=True)
-    weights, best_m1 = {}, {}
+    weights, best = {}, {m: {} for m in MS}
     print(f"{'shape':8} {'M':>3} {'cuBLAS us':>10} {'TB/s':>6} {'best us':>9} {'TB/s':>6} {'x cuBLAS':>8} "
           f"{'max err':>8}  best config", flush=True)
     for seed, name in enumerate(names):
@@ -188,26 +188,27 @@ def main() -> None:
             else:
                 c = b["config"]
                 desc = (f"{'dot' if c['dot'] else 'fma'} n{c['block_n']} k{c['block_k']} split{c['split_k']} "
-                        f"w{c['num_warps']} s{c['num_stages']}")
+                        f"w{c['num_warps']} s{c['num_stages']}{' prefetch' if c['prefetch'] else ''}")
                 print(f"{name:8} {m:3d} {r['cublas_us']:10.1f} {r['cublas_tbps']:6.2f} {b['us']:9.1f} "
                       f"{b['tbps']:6.2f} {r['speedup_vs_cublas']:8.3f} {b['max_abs_err']:8.4f}  {desc}", flush=True)
-                if m == 1 and r["speedup_vs_cublas"] > 1 + G._CUBLAS_MARGIN:
-                    best_m1[name] = G.GemvConfig(**c)
+                if r["speedup_vs_cublas"] > 1 + G._CUBLAS_MARGIN:
+                    best[m][name] = G.GemvConfig(**c)
             save()
         if name not in BODY:
             del weights[name]
             torch.cuda.empty_cache()
     if all(name in weights for name in BODY):
-        body = bench_body(weights, best_m1)
-        floor_us = body["weight_gb"] * 1e9 / (result["copy_tbps"] * 1e12) * 1e6
-        body["floor_us_at_copy_bw"] = floor_us
-        body["picked"] = {name: asdict(cfg) for name, cfg in best_m1.items()}
-        result["body_m1"] = body
-        print(f"decode body M=1 (28 x qkv, o, gate-up, down; {body['weight_gb']:.2f} GB): cuBLAS "
-              f"{body['cublas_us']:.0f} us ({body['cublas_tbps']:.2f} TB/s), ours {body['ours_us']:.0f} us "
-              f"({body['ours_tbps']:.2f} TB/s), x{body['speedup']:.3f}; floor at copy bandwidth {floor_us:.0f} us "
-              f"(cuBLAS {body['cublas_us'] / floor_us:.2f}x, ours {body['ours_us'] / floor_us:.2f}x)", flush=True)
-        save()
+        result["body"] = []
+        for m in MS:
+            body = bench_body(weights, best[m], m)
+            floor_us = body["weight_gb"] * 1e9 / (result["copy_tbps"] * 1e12) * 1e6
+            body["floor_us_at_copy_bw"] = floor_us
+            result["body"].append(body)
+            print(f"decode body M={m:2d} (28 x qkv, o, gate-up, down; {body['weight_gb']:.2f} GB): cuBLAS "
+                  f"{body['cublas_us']:.0f} us ({body['cublas_tbps']:.2f} TB/s), ours {body['ours_us']:.0f} us "
+                  f"({body['ours_tbps']:.2f} TB/s), x{body['speedup']:.3f}; floor at copy bandwidth {floor_us:.0f} us"
+                  f" (cuBLAS {body['cublas_us'] / floor_us:.2f}x, ours {body['ours_us'] / floor_us:.2f}x)", flush=True)
+            save()
     if not args.no_pick:
         picks = []
         for name in names:

@@ -23,7 +23,8 @@ from stages.models.gemv_triton import GemvConfig  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # (BLOCK_N, BLOCK_K, split_k, warps, stages, dot): small blocks so 77 x 131 spans several tiles
-SMALL = [GemvConfig(8, 32), GemvConfig(4, 64, split_k=3), GemvConfig(16, 32, dot=True),
+SMALL = [GemvConfig(8, 32), GemvConfig(4, 64, split_k=3), GemvConfig(8, 32, split_k=2, prefetch=True),
+         GemvConfig(16, 32, dot=True),
          GemvConfig(16, 32, split_k=2, dot=True), GemvConfig(32, 16, split_k=5, dot=True)]
 
 
@@ -32,7 +33,11 @@ def reference(x, w, b):
     return y if b is None else y + b.double()
 
 
-@pytest.mark.parametrize("cfg", SMALL, ids=lambda c: f"{'dot' if c.dot else 'fma'}-n{c.block_n}-k{c.block_k}-s{c.split_k}")
+def _name(c: GemvConfig) -> str:
+    return f"{'dot' if c.dot else 'fma'}-n{c.block_n}-k{c.block_k}-s{c.split_k}{'-pf' if c.prefetch else ''}"
+
+
+@pytest.mark.parametrize("cfg", SMALL, ids=_name)
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_matmul_fp32(cfg, m, bias):
@@ -49,13 +54,16 @@ def test_matches_matmul_fp32(cfg, m, bias):
 
 
 def test_even_blocks_strided_weight_and_batched_input():
-    """K a multiple of the blocks (the unmasked loads), a weight that is a row slice of a wider
-    fused one (row stride != K), and x with leading dimensions."""
+    """K a multiple of the blocks (the unmasked loads; the prefetching loop, down to one chunk a
+    split), a weight that is a row slice of a wider fused one (row stride != K), and x with
+    leading dimensions."""
     g = torch.Generator().manual_seed(3)
     fused = torch.randn(64, 128, generator=g).to(DEVICE)
     w = fused[16:48]
     x = torch.randn(2, 2, 128, generator=g).to(DEVICE)
-    for cfg in (GemvConfig(8, 64), GemvConfig(8, 32, split_k=2), GemvConfig(16, 64, split_k=2, dot=True)):
+    for cfg in (GemvConfig(8, 64), GemvConfig(8, 32, split_k=2), GemvConfig(16, 64, split_k=2, dot=True),
+                GemvConfig(4, 32, prefetch=True), GemvConfig(4, 16, split_k=4, prefetch=True),
+                GemvConfig(4, 16, split_k=8, prefetch=True)):
         y = G.gemv(x, w, None, cfg)
         assert y.shape == (2, 2, 32)
         torch.testing.assert_close(y.double(), x.double() @ w.double().T, atol=1e-4, rtol=1e-4)

@@ -46,6 +46,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     dot: bool = False
+    prefetch: bool = False  # FMA: load the next W chunk before the products of this one
 
     def fits(self, bucket: int) -> bool:
         if self.dot:
@@ -54,8 +55,8 @@ class GemvConfig:
         return bucket <= _FMA_MAX_ROWS and bucket * self.block_n * self.block_k <= 64 * 32 * self.num_warps
 
 
-def _fma(bn, bk, split=1, warps=4, stages=1):
-    return GemvConfig(bn, bk, split, warps, stages, False)
+def _fma(bn, bk, split=1, warps=4, prefetch=False):
+    return GemvConfig(bn, bk, split, warps, 1, False, prefetch)
 
 
 def _dot(bn, bk, split=1, warps=4, stages=4):
@@ -64,18 +65,21 @@ def _dot(bn, bk, split=1, warps=4, stages=4):
 
 # Candidates per shape class (H200, 132 SMs), the FMA ones first. "wide": many output tiles
 # (gate-up 37888, lm_head 152064); "deep": K >> N, few tiles (down 18944 -> 3584): split-K;
-# "square": the rest (qkv 3584 -> 4608, o 3584 -> 3584). The FMA loop's loads are not
-# pipelined (Triton pipelines loads that feed a dot), so its bytes in flight come from
-# occupancy; the dot path streams W through shared memory ``num_stages`` chunks ahead
-# (cp.async; wgmma from BLOCK_N 64).
+# "square": the rest (qkv 3584 -> 4608, o 3584 -> 3584). Triton pipelines only loads that
+# feed a dot, so the FMA loop's bytes in flight come from occupancy (and ``prefetch``: one
+# chunk ahead in registers, where the splits divide K evenly); the dot path streams W through
+# shared memory ``num_stages`` chunks ahead (cp.async; wgmma from BLOCK_N 64).
 CONFIGS: dict[str, list[GemvConfig]] = {
     "wide": [_fma(8, 512), _fma(16, 512), _fma(4, 1024), _fma(16, 512, warps=8), _fma(2, 1024), _fma(4, 512),
+             _fma(8, 512, prefetch=True), _fma(4, 512, prefetch=True), _fma(16, 256, prefetch=True),
              _dot(64, 128), _dot(32, 128), _dot(64, 256, stages=3), _dot(128, 128, stages=3), _dot(16, 256),
              _dot(128, 64), _dot(64, 128, stages=6), _dot(32, 256)],
     "square": [_fma(4, 512), _fma(8, 512), _fma(4, 1024), _fma(8, 256, 2), _fma(2, 1024), _fma(2, 256, 2),
+               _fma(4, 512, prefetch=True), _fma(8, 256, 2, prefetch=True), _fma(2, 512, prefetch=True),
                _dot(16, 256), _dot(32, 128, 2), _dot(16, 128, 2), _dot(64, 128, 4), _dot(32, 256, stages=3),
                _dot(16, 256, 2), _dot(16, 128, 4), _dot(32, 128, 4)],
     "deep": [_fma(8, 512), _fma(4, 512), _fma(8, 256, 2), _fma(8, 128, 4), _fma(4, 256, 2), _fma(2, 1024, 2),
+             _fma(8, 512, prefetch=True), _fma(4, 256, 2, prefetch=True), _fma(8, 128, 4, prefetch=True),
              _dot(32, 128, 4), _dot(64, 128, 4), _dot(16, 256, 2), _dot(64, 128, 8), _dot(32, 256, 2, stages=3),
              _dot(16, 256, 4), _dot(32, 128, 8), _dot(16, 128, 8)],
 }
@@ -99,9 +103,25 @@ def candidates(m: int, n: int, k: int) -> list[GemvConfig]:
 
 
 @triton.jit
+def _mac(acc, w, x, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc + the products of one K chunk: w [BLOCK_N, BLOCK_K], x [BLOCK_M, BLOCK_K]."""
+    if USE_DOT:
+        if IEEE:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    elif BLOCK_M == 1:
+        acc += w.to(tl.float32) * x.to(tl.float32)
+    else:
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                 EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,25 +140,30 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, k_pe
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, k_per_split, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")  # streamed once: keep L2 for the rest
-            x = tl.load(x_ptrs)
-        else:
-            kmask = (k_lo + k0 + ks) < K
-            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
-        if USE_DOT:
-            if IEEE:
-                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+    if PREFETCH:  # EVEN_K only: the next chunk's loads are in flight during this chunk's products
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        x = tl.load(x_ptrs)
+        for k0 in range(BLOCK_K, k_per_split, BLOCK_K):
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+            w_next = tl.load(w_ptrs, eviction_policy="evict_first")
+            x_next = tl.load(x_ptrs)
+            acc = _mac(acc, w, x, BLOCK_M, USE_DOT, IEEE)
+            w = w_next
+            x = x_next
+        acc = _mac(acc, w, x, BLOCK_M, USE_DOT, IEEE)
+    else:
+        for k0 in range(0, k_per_split, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")  # streamed once: keep L2 for the rest
+                x = tl.load(x_ptrs)
             else:
-                acc = tl.dot(w, tl.trans(x), acc)
-        elif BLOCK_M == 1:
-            acc += w.to(tl.float32) * x.to(tl.float32)
-        else:
-            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+                kmask = (k_lo + k0 + ks) < K
+                w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+            acc = _mac(acc, w, x, BLOCK_M, USE_DOT, IEEE)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
     if USE_DOT:
         out = tl.trans(acc)
     elif BLOCK_M == 1:
@@ -193,7 +218,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: 
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x2, weight, bias if has_bias else weight, dst, m, n, k, x2.stride(0), weight.stride(0), chunk,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, EVEN_K=even,
-        HAS_BIAS=has_bias, USE_DOT=cfg.dot, IEEE=x.dtype == torch.float32,
+        HAS_BIAS=has_bias, USE_DOT=cfg.dot, IEEE=x.dtype == torch.float32, PREFETCH=cfg.prefetch and even,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
