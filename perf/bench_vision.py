@@ -1,10 +1,12 @@
-"""Vision tower on one GPU: our varlen attention vs transformers' tower, and encode + prefill end to end.
+"""Vision tower on one GPU: our varlen attention and fast blocks vs transformers' tower, and encode + prefill.
 
 Qwen2.5-VL's tower at the shapes of ``--model``'s config (e.g. ``make_model --size 7b
 --config-only``), random weights: seconds per batch of images for transformers' own tower
 (sdpa: one call per window) and for the same module with our attention (``sdpa``: grouped
-by length, ``triton``: our varlen kernel), the bf16 difference to transformers' output, and
-then our offline ``LLM`` (dummy weights) on one request of those images with max_tokens 1.
+by length, ``triton``: our varlen kernel), then with our blocks' fast forward too
+(``+fastblocks``: ``stages/models/qwen_vision_fast.py``), the bf16 difference to transformers'
+output, and then our offline ``LLM`` (dummy weights) on one request of those images with
+max_tokens 1, per variant.
 
     python3 -m perf.bench_vision --model .q7b --out perf/results/vision/bench_vision.json
 """
@@ -22,7 +24,14 @@ import torch
 
 from stages.attention import vision
 
-IMPLS = ("reference", "sdpa", "triton")
+# attention impl, "+fastblocks" for the blocks' fast forward; the variants that keep transformers'
+# MLP run first, on the weights as built (the fast blocks make them views into padded storage)
+VARIANTS = ("reference", "sdpa", "triton", "sdpa+fastblocks", "triton+fastblocks")
+
+
+def install(module: torch.nn.Module, variant: str) -> None:
+    attn, _, blocks = variant.partition("+")
+    vision.use_varlen_attention(module, attn, blocks="fast" if blocks == "fastblocks" else "reference")
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -51,32 +60,33 @@ def bench_tower(model_dir: str, dtype: torch.dtype, sizes: list[int], count: int
                 profile: str = "") -> list[dict]:
     tower = build_tower(model_dir, dtype)
     patch, merge, tp = tower.config.patch_size, tower.spatial_merge_size, tower.config.temporal_patch_size
-    rows = []
+    batches = []
     for px in sizes:
         side = px // patch // merge * merge
         grid = torch.tensor([[1, side, side]] * count, device="cuda")
         pixels = torch.randn(int(grid.prod(-1).sum()), 3 * tp * patch * patch, device="cuda", dtype=dtype)
-        outs = {}
-        for impl in IMPLS:
-            vision.use_varlen_attention(tower, impl)
+        batches.append((px, pixels, grid))
+    rows, refs = [], {}
+    for impl in VARIANTS:  # variant by variant: the fast blocks' padding comes after the others
+        install(tower, impl)
+        for px, pixels, grid in batches:
             with torch.no_grad():
-                outs[impl] = tower(pixels, grid_thw=grid).pooler_output
+                out = tower(pixels, grid_thw=grid).pooler_output.float()
                 times = timed(lambda: tower(pixels, grid_thw=grid), reps)
+            ref = refs.setdefault(px, out)
             s = statistics.median(times)
             row = {"px": px, "images": count, "impl": impl, "s": s, "images_s": count / s,
-                   "spread_s": [min(times), max(times)]}
-            ref = outs["reference"].float()
-            row["rel_err_vs_reference"] = ((outs[impl].float() - ref).norm() / ref.norm()).item()
+                   "spread_s": [min(times), max(times)],
+                   "rel_err_vs_reference": ((out - ref).norm() / ref.norm()).item()}
             rows.append(row)
-            print(f"tower {count} x {px}px [{impl:9s}]: {s:.4f} s ({count / s:6.1f} images/s; "
+            print(f"tower {count} x {px}px [{impl:17s}]: {s:.4f} s ({count / s:6.1f} images/s; "
                   f"min {min(times):.4f} max {max(times):.4f}), rel. diff vs transformers "
                   f"{row['rel_err_vs_reference']:.2e}", flush=True)
-    if profile:
+    for impl in filter(None, profile.split(",")):
         try:
-            profile_tower(tower, pixels, grid, profile)
+            profile_tower(tower, pixels, grid, impl)
         except Exception as e:  # the timings above are kept
-            print(f"profile failed: {e!r}", flush=True)
-    vision.use_varlen_attention(tower, "auto")
+            print(f"profile [{impl}] failed: {e!r}", flush=True)
     del tower
     gc.collect()
     torch.cuda.empty_cache()
@@ -87,7 +97,7 @@ def profile_tower(tower, pixels, grid, impl: str, top: int = 12) -> None:
     """Per-kernel GPU time of one forward of the last (largest) batch with ``impl``."""
     from torch.profiler import ProfilerActivity, profile
 
-    vision.use_varlen_attention(tower, impl)
+    install(tower, impl)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         tower(pixels, grid_thw=grid)
         torch.cuda.synchronize()
@@ -111,10 +121,9 @@ def bench_end_to_end(model_dir: str, dtype: str, px: int, count: int, reps: int,
 
     llm = LLM(model_dir, device="cuda", dtype=dtype, load_format="dummy", kv_cache_memory_gb=16,
               enable_prefix_caching=False, max_num_batched_tokens=16384)
-    attn = [m for m in llm.engine.runner.model.modules() if getattr(m, "_epd_impl", None) is not None]
-    assert attn, "the engine's tower has no varlen attention installed"
-    for m in attn:
-        m._epd_impl = impl
+    model = llm.engine.runner.model
+    assert any(getattr(m, "_epd_impl", None) for m in model.modules()), "the engine's tower has no varlen attention"
+    install(model, impl)  # before the first forward: the variants without fast blocks keep the weights as built
     content = [{"type": "image"}] * count + [{"type": "text", "text": "Describe the images."}]
     params = SamplingParams(temperature=0.0, max_tokens=1)
     times, pre = [], []
@@ -150,8 +159,9 @@ def main() -> None:
     p.add_argument("--sizes", default="448,896,1344")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--e2e-impls", default="reference,sdpa", help="end-to-end runs ('' to skip)")
-    p.add_argument("--profile", default="sdpa", help="impl to profile per kernel on the largest size ('' to skip)")
+    p.add_argument("--e2e-impls", default="reference,sdpa,sdpa+fastblocks", help="end-to-end runs ('' to skip)")
+    p.add_argument("--profile", default="sdpa,sdpa+fastblocks",
+                   help="variants to profile per kernel on the largest size ('' to skip)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)

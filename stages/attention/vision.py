@@ -24,9 +24,27 @@ import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "reference", "sdpa", "triton")
-# Not yet measured on a GPU (perf/bench_vision.py times all three): "sdpa" because PyTorch's flash
-# kernel takes head_dim 80 as is, where ours pads it to 128 (3/8 of the dot work wasted).
+# perf/bench_vision.py on one H200, 7B tower in bf16, 4 x 1344x1344 images (36,864 patches):
+# "sdpa" 0.291 s, "triton" 0.302 s, transformers' 0.83 s. PyTorch's flash kernel takes head_dim 80
+# as is, where ours pads it to 128 (3/8 of the dot work wasted).
 CUDA_DEFAULT = "sdpa"
+
+
+def resolve_impl(impl: str, is_cuda: bool) -> str:
+    """``"auto"`` -> ``CUDA_DEFAULT`` on CUDA, ``"reference"`` elsewhere; others as given."""
+    if impl == "auto":
+        return CUDA_DEFAULT if is_cuda else "reference"
+    return impl
+
+
+def rotary_cos_sin(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) [T, D] a vision attention gets: ``position_embeddings``, or older
+    transformers' ``rotary_pos_emb`` angles [T, D / 2]."""
+    cos_sin = kwargs.get("position_embeddings")
+    if cos_sin is None:
+        emb = torch.cat((kwargs["rotary_pos_emb"],) * 2, dim=-1)
+        cos_sin = emb.cos(), emb.sin()
+    return cos_sin
 
 
 def _host_lengths(cu_seqlens: torch.Tensor) -> list[int]:
@@ -77,32 +95,31 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def _qwen_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Drop-in for ``Qwen2_5_VLVisionAttention.forward`` (same qkv/proj weights and rotary)."""
-    impl = self._epd_impl
-    if impl == "auto":
-        impl = CUDA_DEFAULT if hidden_states.is_cuda else "reference"
+    impl = resolve_impl(self._epd_impl, hidden_states.is_cuda)
     if impl == "reference" or args:
         return type(self).forward(self, hidden_states, cu_seqlens, *args, **kwargs)
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     t = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(t, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos_sin = kwargs.get("position_embeddings")
-    if cos_sin is None:  # older transformers pass the angles instead
-        emb = torch.cat((kwargs["rotary_pos_emb"],) * 2, dim=-1)
-        cos_sin = emb.cos(), emb.sin()
-    q, k = apply_rotary_pos_emb_vision(q, k, *cos_sin)
+    q, k = apply_rotary_pos_emb_vision(q, k, *rotary_cos_sin(kwargs))
     out = varlen_attention(q, k, v, cu_seqlens, self.scaling, impl)
     return self.proj(out.reshape(t, -1))
 
 
-def use_varlen_attention(tower: torch.nn.Module, impl: str = "auto") -> int:
+def use_varlen_attention(tower: torch.nn.Module, impl: str = "auto", blocks: str = "auto") -> int:
     """Route every vision attention module of ``tower`` through ``impl``; returns how many.
 
-    ``"auto"``: transformers' forward on CPU (exact), ``CUDA_DEFAULT`` on CUDA.
-    Weights and module names are untouched (checkpoints load as before).
+    ``"auto"``: transformers' forward on CPU (exact), ``CUDA_DEFAULT`` on CUDA. ``blocks``: the
+    Qwen2.5-VL blocks' forward (``stages/models/qwen_vision_fast.py``: ``"auto"`` is its fast
+    one on CUDA, transformers' on CPU; ``"fast"``, ``"reference"``).
+    Module names and weight values are untouched (checkpoints load as before).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    from stages.models.qwen_vision_fast import use_fast_blocks
+
+    use_fast_blocks(tower, blocks)
     count = 0
     for module in tower.modules():
         if type(module).__name__ == "Qwen2_5_VLVisionAttention":
