@@ -5,7 +5,8 @@ What is simulated (discrete events on one clock):
 
 - the router: at each arrival the real ``router.policy`` plans the request through the real
   ``router.plan.Planner`` (its queue, TTFT and TPOT prices), over worker records kept as the
-  core keeps them (``in_flight`` while a worker holds a stage, ``plan.started`` when it got it);
+  core keeps them (``Holdings``: a worker runs a stage from its dispatch to its result;
+  ``plan.started`` when it got it);
   the core's order follows: the E parts in parallel, then P once every image is encoded (plus
   a pull each), then D after the KV handoff;
 - an encode worker: one request's images at a time, first come first served
@@ -97,7 +98,8 @@ def all_splits(devices: int) -> list[Split]:
 
 @dataclass
 class _Flight:
-    """One request in the simulation (the core's ``_Flight``: ``plan`` and ``tokens`` are what the Planner reads)."""
+    """One request in the simulation (as ``router.flight.Flight``: ``plan`` and ``tokens`` are what
+    the Planner reads)."""
 
     rid: str
     req: SimRequest
