@@ -26,7 +26,8 @@ def workers_view(core) -> dict:
     for w in sorted(reg.workers.values(), key=lambda w: w.worker_id):
         state = "given_up" if w.worker_id in reg.given_up else reg.state(w, now)
         out.append({"worker_id": w.worker_id, "role": w.role, "state": state, "device": w.info.device,
-                    "incarnation": w.info.incarnation, "load": w.load, "in_flight": len(w.in_flight), "running": w.running, "waiting": w.waiting,
+                    "incarnation": w.info.incarnation, "load": w.load,
+                    "in_flight": core.holdings.count(w.worker_id), "running": w.running, "waiting": w.waiting,
                     "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
                     "queue_s": round(planner.queue_s(w, now), 4), "cost_model": planner.cost(w).to_dict(),
                     **core.switches.view(w)})

@@ -195,7 +195,7 @@ def _decode_load(core, recs) -> StageLoad:
     planner, own, seqs, ctx, left = core.planner, {}, 0, 0, []
     for rec in recs:
         b, c = planner.decode_load(rec)
-        r = [_left(core.flights.get(rid)) for rid in rec.in_flight]
+        r = [_left(core.flights.get(rid)) for rid in core.holdings.requests_of(rec.worker_id)]
         own[rec.worker_id] = (sum(r) / len(r) if r else 0.0) * planner.cost(rec).decode_step_s(b, c) if b else 0.0
         seqs, ctx, left = seqs + b, ctx + c, left + r
     n, cost = len(recs), planner.cost(recs[0])

@@ -144,7 +144,7 @@ class RoleSwitcher:
     def _holds(self, rec: WorkerRecord, strict: bool) -> bool:
         """Work of its old role still on ``rec``: requests it runs, KV parked for a decode, or (an
         encoder, ``strict``) embeddings a prefill is still to pull."""
-        if rec.in_flight:
+        if self.holdings.count(rec.worker_id):
             return True
         wid, card = rec.worker_id, rec.info.transfer
         for f in self.flights.values():
@@ -171,7 +171,7 @@ class RoleSwitcher:
         log.warning("role switch: %s still held work after the drain deadline; %d request(s) handed over", wid, n)
 
     def _forget_finished(self, rec: WorkerRecord) -> None:
-        for rid in rec.in_flight:
+        for rid in self.holdings.requests_of(rec.worker_id):
             f = self.flights.get(rid)
             if f is None or f.done:  # finished or left while it drained
                 self.holdings.remove(rid, rec.worker_id)
