@@ -23,6 +23,7 @@ with ``torch.empty``, so they can be captured.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ import triton
 import triton.language as tl
 
 from stages.attention import triton_kernels  # noqa: F401  (interpreter compatibility patch)
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 16
 _FMA_MAX_ROWS = 4
@@ -293,16 +296,28 @@ def pick_config(m: int, n: int, k: int, dtype: torch.dtype, device, weights=None
     device = torch.device(device)
     if device.type != "cuda" or not 1 <= m <= MAX_ROWS:
         return None
-    ws = _timing_weights(n, k, dtype, device, weights)
-    bytes_per_call = n * k * torch.finfo(dtype).bits // 8
-    calls = min(64, max(4, len(ws), math.ceil(1e9 / bytes_per_call)))
-    x = torch.randn(bucket, k, device=device).to(dtype)
-    best_t = graph_time_us(lambda i: F.linear(x, ws[i % len(ws)]), calls)
-    best = None
-    for cfg in candidates(bucket, n, k):
-        t = graph_time_us(lambda i, cfg=cfg: gemv(x, ws[i % len(ws)], None, cfg), calls)
-        if t < best_t * (1 - _CUBLAS_MARGIN if best is None else 1):
-            best, best_t = cfg, t
+    with torch.cuda.device(device):
+        ws = _timing_weights(n, k, dtype, device, weights)
+        bytes_per_call = n * k * torch.finfo(dtype).bits // 8
+        calls = min(64, max(4, len(ws), math.ceil(1e9 / bytes_per_call)))
+        x = torch.randn(bucket, k, device=device).to(dtype)
+        ref = F.linear(x, ws[0]).float()
+        tol = 2e-2 * ref.abs().max().item() + 1e-3
+        cublas_t = graph_time_us(lambda i: F.linear(x, ws[i % len(ws)]), calls)
+        best, best_t = None, cublas_t * (1 - _CUBLAS_MARGIN)
+        for cfg in candidates(bucket, n, k):
+            try:  # a compile or launch that fails here fails on this first call, outside any capture
+                err = (gemv(x, ws[0], None, cfg).float() - ref).abs().max().item()
+                if not err <= tol:
+                    raise ValueError(f"max |error| {err:.3g} vs F.linear")
+                t = graph_time_us(lambda i, cfg=cfg: gemv(x, ws[i % len(ws)], None, cfg), calls)
+            except Exception as e:
+                log.warning("gemv candidate %s left out for %s: %s", cfg, key, e)
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        log.info("gemv %s: cuBLAS %.1f us, %s", key, cublas_t,
+                 f"picked {best} ({best_t:.1f} us)" if best else "no candidate beats it")
     _PICKED[key] = best
     return best
 
