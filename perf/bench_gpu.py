@@ -67,7 +67,11 @@ def decode_weight_bytes(model) -> int:
 
 
 def make_engine(args, backend: str) -> LLMEngine:
+    """``backend``: an attention backend, ``+cublas`` after it to keep cuBLAS for every decode
+    linear (no Triton GEMV)."""
+    backend, _, variant = backend.partition("+")
     cfg = EngineConfig(model=args.model, device="cuda", dtype=args.dtype, load_format="dummy",
+                       decode_gemv=False if variant == "cublas" else None,
                        kv_cache_memory_gb=args.kv_gb, max_num_seqs=max(args.batches),
                        max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=False,
                        attention_backend=backend, cuda_graphs=backend != "torch" and not args.no_graphs)

@@ -36,7 +36,8 @@ class EngineConfig:
     async_decode: bool | None = None
     # Linears of decode steps (<= 16 rows, CUDA, bf16/fp16) through our Triton GEMV where it beat
     # cuBLAS when timed at start-up (stages/models/gemv_triton.py: prepare_decode_gemv).
-    decode_gemv: bool = False
+    # None: on for CUDA (a shape keeps cuBLAS unless our kernel was faster), off elsewhere.
+    decode_gemv: bool | None = None
     # The stage this engine serves; it decides which weights and whether a KV pool are built
     # (stages/engine/roles.py). "mixed" builds everything.
     role: str = "mixed"
