@@ -68,12 +68,17 @@ class ModelRunner:
         max_len = getattr(text_cfg, "max_position_embeddings", 0)
         max_blocks = min(self.num_blocks, -(-(config.max_model_len or max_len or 1 << 20) // self.block_size))
         self.block_tables = PersistentBlockTables(config.max_num_seqs, max_blocks)
-        if config.decode_gemv is not False and self.device.type == "cuda":
-            from stages.models.gemv_triton import prepare_decode_gemv
+        if self.device.type == "cuda":
+            # Before capture: the graphs record the kernels chosen. The switch is process-wide
+            # (stages.models.layers.linear): the last engine built in a process sets it.
+            from stages.models import gemv_triton
 
-            picked = prepare_decode_gemv(self.model)  # before capture: the graphs record the kernels chosen
-            log.info("decode GEMV: our kernel for %d of %d (rows, N, K) shapes, cuBLAS for the rest",
-                     sum(c is not None for c in picked.values()), len(picked))
+            if config.decode_gemv is False:
+                gemv_triton.disable_decode_gemv()
+            else:
+                picked = gemv_triton.prepare_decode_gemv(self.model)
+                log.info("decode GEMV: our kernel for %d of %d (rows, N, K) shapes, cuBLAS for the rest",
+                         sum(c is not None for c in picked.values()), len(picked))
         if config.cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, self.device, config.max_num_seqs,
                                        max_blocks, self.block_size)

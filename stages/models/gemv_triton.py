@@ -360,3 +360,10 @@ def prepare_decode_gemv(model, max_rows: int = MAX_ROWS) -> dict:
     torch.cuda.empty_cache()  # scratch timing weights
     layers.small_rows_linear = linear
     return picked
+
+
+def disable_decode_gemv() -> None:
+    """Every ``stages.models.layers.linear`` back to ``F.linear`` (cuBLAS), process-wide."""
+    from stages.models import layers
+
+    layers.small_rows_linear = None
