@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$log"
 for p in "$@"; do
   case $p in
-    tests) files=(); for f in tests/test_lookahead.py tests/test_triton_attention.py tests/test_vision_attention.py \
+    tests) files=(); for f in tests/test_lookahead.py tests/test_triton_attention.py tests/test_vision_attention.py tests/test_vision_fast.py \
                               tests/test_gemv_triton.py; do [ -f "$f" ] && files+=("$f"); done
            EPD_TEST_DEVICE=cuda part tests 170 python3 -m pytest -q -p no:cacheprovider "${files[@]}" \
              "tests/test_engine_equality.py::test_greedy_matches_transformers" ;;
