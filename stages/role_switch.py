@@ -9,8 +9,8 @@ more work of the old role and has handed over what ran past its deadline. The wo
    the new role needs and frees the rest); an engine without it holds the whole model, so
    every role already runs on it as is;
 3. measures its costs for the new role (``stages.profiler``, cached on disk);
-4. sets up the per-role state (:meth:`RoleSwitchMixin._enter_role`) and announces
-   ``WorkerReady`` with the new role and epoch. Heartbeats and cache events carry the epoch.
+4. sets up the per-role state of its peer cache (``stages.peer_cache.PeerCache.enter_role``) and
+   announces ``WorkerReady`` with the new role and epoch. Heartbeats and cache events carry the epoch.
 """
 
 from __future__ import annotations
@@ -21,33 +21,14 @@ import time
 
 from bus import messages as m
 from stages import profiler
-from transfer.content_cache import ContentCache
-from transfer.hash_keys import embedding_key
 
 log = logging.getLogger("epd.stage")
 IDLE_WAIT_S = 10.0
 
 
 class RoleSwitchMixin:
-    """Needs from its host: ``engine``, ``threads``, ``sock``, ``transfer``, ``info``, ``role``,
-    ``epoch``, ``published``, ``embed_events``, ``args``, ``stop``."""
-
-    def _enter_role(self, role: str) -> None:
-        """Per-role state: an encoder keeps its embeddings pullable (``published``) and records no
-        KV events; the other roles record KV events for the router's cluster index."""
-        cfg = self.engine.config
-        old = getattr(self, "published", None)
-        if old is not None:  # leaving encode (or a fresh start): its embeddings are no longer offered
-            for h in old.keys():
-                self.transfer.drop(embedding_key(h))
-        self.published = ContentCache(cfg.encoder_cache_mb << 20)
-        self.embed_events.clear()
-        blocks = self.engine.blocks
-        if role == "encode":
-            blocks.events = None
-        else:
-            blocks.record_events()  # a fresh queue: the old role's events are not sent
-        self.role = role
+    """Needs from its host: ``engine``, ``threads``, ``sock``, ``info``, ``role``, ``epoch``,
+    ``peer_cache``, ``args``, ``stop``."""
 
     async def _switch_role(self, msg: m.SwitchRole) -> None:
         try:
@@ -77,8 +58,8 @@ class RoleSwitchMixin:
             return figures, profiler.profile(e, msg.role, use_cache=not self.args.no_profile_cache)
 
         figures, cost_model = await self.threads.call(switch)
-        self._enter_role(msg.role)
-        self.epoch = msg.epoch
+        self.peer_cache.enter_role(msg.role, msg.epoch)
+        self.role, self.epoch = msg.role, msg.epoch
         eng = self.engine
         self.info = m.WorkerInfo(self.info.worker_id, self.info.incarnation, msg.role, self.info.model,
                                  str(eng.device), eng.max_model_len, eng.runner.num_blocks, eng.config.block_size,

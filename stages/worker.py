@@ -15,7 +15,7 @@ SIGTERM drains for at most ``DRAIN_S`` and the process is gone within
 also stops when that parent is gone.
 
 Content-hash caches shared across workers (embeddings by pixel hash, KV
-blocks by chained block hash) live in ``stages.peer_cache``, mixed in here.
+blocks by chained block hash) live in ``stages.peer_cache`` (``self.peer_cache``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from stages.engine.handoff import Handoff, HandoffImage
 from stages.engine.llm_engine import LLMEngine
 from stages.engine.outputs import RequestOutput
 from stages.engine_thread import EngineThread
-from stages.peer_cache import PeerCacheMixin
+from stages.peer_cache import PeerCache
 from stages.role_switch import RoleSwitchMixin
 from stages.wire import handoff_header, output_to_delta
 from transfer.base import KeyNotFound, TransferError
@@ -59,7 +59,7 @@ DRAIN_S = 3.0  # SIGTERM: running requests may finish this long
 EXIT_DEADLINE_S = 10.0  # SIGTERM: the process is gone by then, whatever hangs
 
 
-class StageWorker(PeerCacheMixin, RoleSwitchMixin):
+class StageWorker(RoleSwitchMixin):
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.role = args.role
@@ -67,8 +67,6 @@ class StageWorker(PeerCacheMixin, RoleSwitchMixin):
         self.incarnation = uuid.uuid4().hex
         self.epoch = 0  # +1 per live role switch
         self.done = asyncio.Event()
-        self.embed_events: list[tuple[bool, object]] = []  # (stored?, ImageRef | hash) for the index
-        self.prefix_answers: dict[str, asyncio.Future] = {}  # request id -> PrefixAnswer awaited
         self.counters: Counter[str] = Counter({name: 0 for name in m.CACHE_COUNTERS})
         self.pull_timeout = args.pull_timeout
         # Aborts can overtake the work they cancel (it may be pulling its KV): remember them a while.
@@ -91,13 +89,13 @@ class StageWorker(PeerCacheMixin, RoleSwitchMixin):
         self.engine = LLMEngine(cfg)
         cost_model = profiler.profile(self.engine, self.role, use_cache=not a.no_profile_cache)
         self.encode_timings: deque[list[float]] = deque(maxlen=m.MAX_TIMINGS)
-        self._enter_role(self.role)
-        text_cfg = getattr(self.engine.hf_config, "text_config", None) or self.engine.hf_config
-        self.embed_dim = text_cfg.hidden_size  # an image embedding row must be this wide
         self.loop = asyncio.get_running_loop()
         self.transfer = make_backend(a.transfer, a.host)
         await self.transfer.start()
         self.sock = AsyncSocket("dealer", a.router, bind=False, identity=self.worker_id.encode())
+        self.peer_cache = PeerCache(self.engine, self.transfer, self.sock.send, self._pull_failed, self.counters,
+                                    self.loop, worker_id=self.worker_id, incarnation=self.incarnation,
+                                    role=self.role, epoch=self.epoch, pull_timeout=self.pull_timeout)
         self.threads = EngineThread(self.engine, self.loop, self._on_outputs)
         self.threads.start()
         eng = self.engine
@@ -109,7 +107,7 @@ class StageWorker(PeerCacheMixin, RoleSwitchMixin):
         self.heard = time.monotonic()
         log.info("%s ready (%s on %s)", self.worker_id, self.role, eng.device)
         tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeats()),
-                 asyncio.create_task(self._cache_events()), asyncio.create_task(self._link())]
+                 asyncio.create_task(self.peer_cache.report_events()), asyncio.create_task(self._link())]
         if a.control:
             self.sub = AsyncSocket("sub", a.control, bind=False)
             tasks.append(asyncio.create_task(self._control_loop()))
@@ -216,7 +214,7 @@ class StageWorker(PeerCacheMixin, RoleSwitchMixin):
     async def _recv_loop(self) -> None:
         handlers = {m.GenerateRequest: self._generate, m.EncodeRequest: self._encode,
                     m.DecodeRequest: self._decode, m.AbortRequest: self._abort, m.ReleaseKv: self._release,
-                    m.PrefixExport: self._export_prefix, m.PrefixAnswer: self._prefix_answer,
+                    m.PrefixExport: self.peer_cache.on_prefix_export, m.PrefixAnswer: self.peer_cache.on_prefix_answer,
                     m.TokenizeRequest: self._tokenize, m.DetokenizeRequest: self._detokenize,
                     m.SwitchRole: self._switch_role}
         while True:
@@ -252,7 +250,7 @@ class StageWorker(PeerCacheMixin, RoleSwitchMixin):
 
     # ---- handlers ---------------------------------------------------------------------------
     async def _generate(self, msg: m.GenerateRequest) -> None:
-        images = await self._request_images(msg)
+        images = await self.peer_cache.request_images(msg)
         if msg.messages is not None:
             prompt = self.engine.inputs.render_chat(msg.messages, msg.add_generation_prompt)
             n_parts = len(prompt["multi_modal_data"]["image"])
@@ -281,7 +279,7 @@ class StageWorker(PeerCacheMixin, RoleSwitchMixin):
         req, hashes, local = await self.threads.call(prepare)
         prefix = None
         if len(hashes) > local and self.role in ("prefill", "mixed"):
-            prefix = await self._fetch_prefix(rid, hashes, local)
+            prefix = await self.peer_cache.fetch_prefix(rid, hashes, local)
         if self._was_aborted(rid):
             return
         used = await self.threads.call(lambda e: e.submit(req, prefix))
@@ -305,8 +303,8 @@ class StageWorker(PeerCacheMixin, RoleSwitchMixin):
 
         prepared = await self.threads.call(encode)
         for p in prepared:
-            self._publish_embedding(p)
-        await self.sock.send(m.EncodeDone(msg.request_id, [self._ref(p) for p in prepared]))
+            self.peer_cache.publish(p)
+        await self.sock.send(m.EncodeDone(msg.request_id, [self.peer_cache.ref(p) for p in prepared]))
 
     async def _decode(self, msg: m.DecodeRequest) -> None:
         try:
