@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import signal
@@ -89,3 +90,29 @@ def stop_serve(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+async def read_chat_stream(session, url: str, body: dict, progress: list, i: int) -> dict:
+    """One streamed chat completion: its token ids, text, usage, finish reason and error (an
+    error event's message, or the HTTP status and body); ``progress[i]`` follows the ids."""
+    out = {"ids": [], "text": "", "usage": None, "error": None, "finish": None}
+    async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+        if r.status != 200:
+            out["error"] = f"{r.status}: {await r.text()}"
+            return out
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                out["error"] = ev["error"]["message"]
+                continue
+            if ev.get("usage"):
+                out["usage"] = ev["usage"]
+            for ch in ev.get("choices", []):
+                out["text"] += ch["delta"].get("content") or ""
+                out["ids"] += ch.get("token_ids") or ch["delta"].get("token_ids") or []
+                out["finish"] = ch.get("finish_reason") or out["finish"]
+            progress[i] = len(out["ids"])
+    return out

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from router.serve import ROOT, free_port
-from tests.e2e_util import chat_body, pid_alive
+from tests.e2e_util import chat_body, pid_alive, read_chat_stream
 
 pytestmark = pytest.mark.e2e
 
@@ -108,35 +108,10 @@ def _bodies(name: str, images, **sampling) -> list[dict]:
 
 
 async def _stream(session, url: str, body: dict, progress: list, i: int) -> dict:
-    out = {"ids": [], "text": "", "usage": None, "error": None, "finish": None}
     try:
-        return await _read_stream(session, url, body, progress, i, out)
+        return await read_chat_stream(session, url, body, progress, i)
     except aiohttp.ClientError as e:  # the router died under it
-        out["error"] = f"{type(e).__name__}: {e}"
-        return out
-
-
-async def _read_stream(session, url: str, body: dict, progress: list, i: int, out: dict) -> dict:
-    async with session.post(f"{url}/v1/chat/completions", json=body) as r:
-        if r.status != 200:
-            out["error"] = f"{r.status}: {await r.text()}"
-            return out
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
-            if "error" in ev:
-                out["error"] = ev["error"]["message"]
-                continue
-            if ev.get("usage"):
-                out["usage"] = ev["usage"]
-            for ch in ev.get("choices", []):
-                out["text"] += ch["delta"].get("content") or ""
-                out["ids"] += ch.get("token_ids") or ch["delta"].get("token_ids") or []
-                out["finish"] = ch.get("finish_reason") or out["finish"]
-            progress[i] = len(out["ids"])
-    return out
+        return {"ids": [], "text": "", "usage": None, "error": f"{type(e).__name__}: {e}", "finish": None}
 
 
 def _run(url: str, bodies: list[dict], fault=None, late: int = 0) -> list[dict]:

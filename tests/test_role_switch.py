@@ -24,7 +24,7 @@ import pytest
 
 from router.serve import ROOT, Deployment, load_config
 from bus.client import AsyncClient, Client, ClientRequestError
-from tests.e2e_util import chat_body, reference
+from tests.e2e_util import chat_body, read_chat_stream, reference
 
 pytestmark = pytest.mark.e2e
 
@@ -61,26 +61,7 @@ def undisturbed(dep, bodies):
     return got
 
 
-async def _stream(session, url: str, body: dict, progress: list, i: int) -> dict:
-    out = {"ids": [], "text": "", "usage": None, "error": None}
-    async with session.post(f"{url}/v1/chat/completions", json=body) as r:
-        if r.status != 200:
-            out["error"] = f"{r.status}: {await r.text()}"
-            return out
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
-            if "error" in ev:
-                out["error"] = ev["error"]["message"]
-            if ev.get("usage"):
-                out["usage"] = ev["usage"]
-            for ch in ev.get("choices", []):
-                out["text"] += ch["delta"].get("content") or ""
-                out["ids"] += ch.get("token_ids") or []
-            progress[i] = len(out["ids"])
-    return out
+_stream = read_chat_stream
 
 
 async def _run(url: str, bodies: list[dict], switch: tuple | None = None) -> list[dict]:
