@@ -17,7 +17,7 @@ from bus.step_cost import step_features
 from stages.engine.block_manager import BlockManager
 from stages.engine.config import EngineConfig
 from stages.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_string_holdback
-from stages.engine.handoff import Handoff, HandoffImage
+from stages.engine.handoff import Handoff
 from stages.engine.input_processor import InputProcessor
 from stages.engine.lookahead import DecodeLookahead
 from stages.engine.model_runner import ModelRunner
@@ -25,24 +25,12 @@ from stages.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from stages.engine.sampler import SampleRequest, Sampler, advance_generator, make_generator
 from stages.engine.sampling_params import SamplingParams
 from stages.engine.scheduler import Scheduler
-from stages.engine.sequence import ImageItem, Sequence
+from stages.engine.request_state import RequestState
+from stages.engine.sequence import Sequence
 from stages.models.loader import load_hf_config, resolve_device, resolve_dtype
 from stages.models.registry import model_class
 
 log = logging.getLogger(__name__)
-
-
-class _Request:
-    """Per-request state outside the scheduler's concern: text, logprobs, generator."""
-
-    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer, generator):
-        self.seq, self.detok, self.generator = seq, detok, generator
-        self.text = ""
-        self.prefill_only = False
-        self.logprobs: list[dict[int, Logprob]] | None = [] if seq.params.logprobs is not None else None
-        self.cumulative_logprob = 0.0
-        self.sent_text_len = 0
-        self.sent_tokens = 0
 
 
 class LLMEngine:
@@ -67,8 +55,8 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.eos_token_ids = self._eos_ids()
         self.sampler = Sampler(self.eos_token_ids)
-        self.requests: dict[str, _Request] = {}
-        self.handoffs: dict[str, _Request] = {}  # prefilled, holding KV blocks for a decode worker
+        self.requests: dict[str, RequestState] = {}
+        self.handoffs: dict[str, RequestState] = {}  # prefilled, holding KV blocks for a decode worker
         self.num_generated_tokens = 0
         self.idle = False  # the last step scheduled nothing (e.g. every block parked for a handoff)
         # (step features, seconds) of recent steps: the worker's cost profile and its heartbeats read them.
@@ -126,7 +114,7 @@ class LLMEngine:
     def prepare_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                         images: list | None = None, prefill_only: bool = False,
                         resume: tuple[list[int], int, float | None] | None = None,
-                        prompt_name: str = "prompt") -> _Request:
+                        prompt_name: str = "prompt") -> RequestState:
         """Validate and tokenize a request without queueing it (``submit`` queues it).
 
         Between the two a worker may look for the prompt's prefix elsewhere in the cluster.
@@ -156,7 +144,7 @@ class LLMEngine:
         gen = make_generator(params, self.device)
         detok = IncrementalDetokenizer(self.tokenizer, processed.token_ids, params.skip_special_tokens,
                                        params.spaces_between_special_tokens)
-        req = _Request(seq, detok, gen)
+        req = RequestState(seq, detok, gen)
         req.prefill_only = prefill_only
         if resume is not None and resume[0]:
             tokens, sent_text_len, cumulative = resume
@@ -186,7 +174,7 @@ class LLMEngine:
             raise ValueError(f"{head} {n + max_tokens} tokens ({n} in the {prompt_name}, {max_tokens} in "
                              f"the completion). Please reduce the length of the {prompt_name} or completion.")
 
-    def submit(self, req: _Request, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+    def submit(self, req: RequestState, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
         """Queue a prepared request; ``prefix`` = (KV, token ids) of its first blocks, computed
         by another worker. The prefix is checked (tokens, shape) and used only when it covers
         more than this pool already holds; returns the tokens taken from it (0 if not used).
@@ -214,7 +202,7 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_cached_tokens = n
         return n
 
-    def prefix_probe(self, req: _Request) -> tuple[list[int], int]:
+    def prefix_probe(self, req: RequestState) -> tuple[list[int], int]:
         """The prompt's full-block hashes and how many leading blocks this pool holds."""
         if not self.config.enable_prefix_caching:
             return [], 0
@@ -257,60 +245,18 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
-    # ---- disaggregation: prefill hands over, decode takes over -----------------------------------
+    # ---- disaggregation: prefill hands over, decode takes over (stages/engine/disagg.py) -------
     def export_handoff(self, request_id: str) -> Handoff:
         """Package a prefilled request (``prefill_done``) for a decode worker and free its blocks."""
-        req = self.handoffs.pop(request_id)
-        seq = req.seq
-        try:
-            kv = self.runner.read_kv(seq, seq.num_computed_tokens)
-            embeds = [self.runner.image_embedding(img) for img in seq.images]
-        finally:
-            self.blocks.free(seq)
-        gen = req.generator.get_state().numpy().tobytes() if req.generator is not None else None
-        images = [HandoffImage(i.content_hash, i.offset, i.length, i.inputs.get("grid_thw")) for i in seq.images]
-        return Handoff(request_id, list(seq.prompt_token_ids), list(seq.output_token_ids),
-                       seq.params.to_dict(), seq.prompt, images, req.sent_text_len, seq.num_cached_tokens,
-                       req.cumulative_logprob if req.logprobs is not None else None, gen, kv, embeds)
+        from stages.engine.disagg import export_handoff
+
+        return export_handoff(self, request_id)
 
     def add_prefilled(self, h: Handoff) -> None:
         """Continue a request prefilled elsewhere; its KV is written into our blocks on admission."""
-        if h.request_id in self.requests:
-            raise ValueError(f"request id {h.request_id!r} is already in use")
-        params = SamplingParams.from_dict(h.params)
-        items = [ImageItem(i.content_hash, i.offset, i.length,
-                           {"grid_thw": tuple(i.grid_thw)} if i.grid_thw else {}, emb)
-                 for i, emb in zip(h.images, h.image_embeddings)]
-        n = len(h.prompt_token_ids)
-        if n + len(h.output_token_ids) > self.max_model_len:
-            raise ValueError(f"the request holds {n} tokens; this worker's context is {self.max_model_len}")
-        positions, delta = None, 0
-        support = self.inputs.images
-        if support is not None:
-            mrope = support.mrope_positions(h.prompt_token_ids, items)
-            if mrope is not None:
-                positions, delta = mrope
-        room = self.max_model_len - n
-        seq = Sequence(h.request_id, list(h.prompt_token_ids), params, images=items, mrope_positions=positions,
-                       mrope_delta=delta, prompt=h.prompt, arrival_time=time.monotonic(),
-                       eos_token_ids=self.eos_token_ids,
-                       max_tokens=room if params.max_tokens is None else min(params.max_tokens, room))
-        seq.output_token_ids = list(h.output_token_ids)
-        seq.num_computed_tokens = n
-        seq.num_cached_tokens = h.num_cached_tokens
-        seq.pending_kv = h.kv
-        gen = make_generator(params, self.device)
-        if gen is not None and h.generator_state is not None:
-            gen.set_state(torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8))
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens,
-                                       params.spaces_between_special_tokens)
-        req = _Request(seq, detok, gen)
-        req.text = detok.add(seq.output_token_ids)  # replay: the same text the prefill worker saw
-        req.sent_text_len, req.sent_tokens = h.sent_text_len, len(seq.output_token_ids)
-        if h.cumulative_logprob is not None and req.logprobs is not None:
-            req.cumulative_logprob = h.cumulative_logprob
-        self.requests[h.request_id] = req
-        self.scheduler.add(seq)
+        from stages.engine.disagg import add_prefilled
+
+        add_prefilled(self, h)
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -348,7 +294,7 @@ class LLMEngine:
         self.step_samples.append((features, time.perf_counter() - t0))  # tokens are on the host by now
         return outputs
 
-    def _append_token(self, req: _Request, token: int, lp) -> RequestOutput:
+    def _append_token(self, req: RequestState, token: int, lp) -> RequestOutput:
         seq, p = req.seq, req.seq.params
         seq.output_token_ids.append(token)
         self.num_generated_tokens += 1
@@ -390,7 +336,7 @@ class LLMEngine:
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _output(self, req: RequestState) -> RequestOutput:
         seq = req.seq
         visible = len(req.text)
         if not seq.is_finished and seq.params.stop:
