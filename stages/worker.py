@@ -38,7 +38,6 @@ from bus.sampling_params import SamplingParams
 from bus.sockets import AsyncSocket
 from bus.step_cost import encode_features
 from stages import profiler, tokenize_service
-from stages.engine.config import EngineConfig
 from stages.engine.handoff import Handoff, HandoffImage
 from stages.engine.llm_engine import LLMEngine
 from stages.engine.outputs import RequestOutput
@@ -46,6 +45,7 @@ from stages.engine_thread import EngineThread
 from stages.peer_cache import PeerCache
 from stages.role_switch import RoleSwitchMixin
 from stages.wire import handoff_header, output_to_delta
+from stages.worker_args import engine_config, parse_args
 from transfer.base import KeyNotFound, TransferError
 from transfer.hash_keys import handoff_key
 from transfer.select import make_backend
@@ -80,13 +80,7 @@ class StageWorker(RoleSwitchMixin):
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> None:
         a = self.args
-        cfg = EngineConfig(model=a.model, dtype=a.dtype, device=a.device, load_format=a.load_format,
-                           block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
-                           kv_cache_memory_gb=a.kv_cache_memory_gb, max_model_len=a.max_model_len,
-                           max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                           enable_prefix_caching=not a.no_prefix_caching, role=a.role,
-                           async_decode=None if a.async_decode == "auto" else a.async_decode in ("on", "true"))
-        self.engine = LLMEngine(cfg)
+        self.engine = LLMEngine(engine_config(a))
         cost_model = profiler.profile(self.engine, self.role, use_cache=not a.no_profile_cache)
         self.encode_timings: deque[list[float]] = deque(maxlen=m.MAX_TIMINGS)
         self.loop = asyncio.get_running_loop()
@@ -100,7 +94,7 @@ class StageWorker(RoleSwitchMixin):
         self.threads.start()
         eng = self.engine
         self.info = m.WorkerInfo(self.worker_id, self.incarnation, self.role, a.model, str(eng.device),
-                                 eng.max_model_len, eng.runner.num_blocks, cfg.block_size,
+                                 eng.max_model_len, eng.runner.num_blocks, eng.config.block_size,
                                  bool(eng.runner.model.is_multimodal), self.transfer.card, os.getpid(),
                                  cost_model)
         await self.sock.send(m.WorkerReady(self.info))
@@ -358,39 +352,6 @@ class StageWorker(RoleSwitchMixin):
                 self.transfer.put(key, [h.kv, *h.image_embeddings])
                 await self.sock.send(m.PrefillDone(out.request_id, handoff_header(h), key,
                                                    self.transfer.card))
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="epd-stage", description="Run one epd stage worker.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--role", required=True, choices=m.ROLES, help="the stage this worker runs")
-    ap.add_argument("--model", required=True, help="local HF-format model directory")
-    ap.add_argument("--router", required=True, help="the router's worker address, e.g. tcp://127.0.0.1:7100")
-    ap.add_argument("--control", help="the router's control (PUB) address")
-    ap.add_argument("--worker-id", help="name in the router's registry and metrics (None: ROLE-<random>)")
-    ap.add_argument("--host", default="127.0.0.1", help="address this worker's transfer server binds")
-    ap.add_argument("--transfer", default="auto", choices=["auto", "shm", "zmq", "ucx"],
-                    help="KV / embedding transfer backend")
-    ap.add_argument("--pull-timeout", type=float, default=30.0,
-                    help="seconds a pull from a peer may take before it counts as dead")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda[:N] or npu[:N]")
-    ap.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, "
-                                                    "float16")
-    ap.add_argument("--load-format", default="auto", help="auto (the checkpoint) or dummy (random weights)")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    ap.add_argument("--num-kv-blocks", type=int, help="KV blocks (None: from --kv-cache-memory-gb)")
-    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size, GiB")
-    ap.add_argument("--max-model-len", type=int, help="context length (None: the model's)")
-    ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
-    ap.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    ap.add_argument("--no-profile-cache", action="store_true",
-                    help="measure the cost profile again instead of reading it from $EPD_CACHE/profiles")
-    ap.add_argument("--async-decode", default="auto", type=str.lower, choices=["auto", "on", "off", "true", "false"],
-                    help="queue each decode step before reading the last one's tokens (auto: on CUDA)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads")
-    ap.add_argument("--log-level", default="INFO", help="logging level")
-    return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
