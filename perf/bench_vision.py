@@ -128,7 +128,7 @@ def bench_end_to_end(model_dir: str, dtype: str, px: int, count: int, reps: int,
     content = [{"type": "image"}] * count + [{"type": "text", "text": "Describe the images."}]
     params = SamplingParams(temperature=0.0, max_tokens=1)
     pre = []
-    for img in noise_images(count, px, seed=99):  # host preprocessing alone (resize, normalize, patchify)
+    for img in noise_images(count, px, seed=99):  # host preprocessing alone (resize, uint8 patches)
         t = time.perf_counter()
         llm.engine.inputs.images.preprocess(img)
         pre.append(time.perf_counter() - t)

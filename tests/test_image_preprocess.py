@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from stages.models.base import load_image_processor
-from stages.models.image_preprocess import QwenPixels
+from stages.models.image_preprocess import QwenPixels, qwen_pixel_values
 from stages.models.model_configs import preprocessor_config
 
 
@@ -32,9 +32,12 @@ def processor_7b(tmp_path_factory):
 
 
 def assert_same(processor, image):
-    ours, grid = QwenPixels(processor)(image)
+    inputs = QwenPixels(processor)(image)
     ref = processor(images=[image], return_tensors="pt")
-    assert grid == tuple(ref["image_grid_thw"][0].tolist())
+    assert inputs["grid_thw"] == tuple(ref["image_grid_thw"][0].tolist())
+    assert "pixel_values" not in inputs  # nothing reads the bytes as float pixels by mistake
+    assert inputs["pixel_bytes"].dtype == torch.uint8 and inputs["pixel_bytes"].shape == ref["pixel_values"].shape
+    ours = qwen_pixel_values([inputs], "cpu", torch.float32)
     assert ours.dtype == ref["pixel_values"].dtype == torch.float32
     assert ours.shape == ref["pixel_values"].shape
     assert torch.equal(ours, ref["pixel_values"]), (ours - ref["pixel_values"]).abs().max()
@@ -89,9 +92,30 @@ def test_qwen_images_uses_it(tiny_models):
     img = noise(300, 200, seed=3)
     inputs, n = images.preprocess(img)
     ref = load_image_processor(d)(images=[img], return_tensors="pt")
-    assert torch.equal(inputs["pixel_values"], ref["pixel_values"])
+    assert torch.equal(qwen_pixel_values([inputs], "cpu", torch.float32), ref["pixel_values"])
     t, h, w = inputs["grid_thw"]
     assert (t, h, w) == tuple(ref["image_grid_thw"][0].tolist()) and n == t * h * w // 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_lookup(processor_7b, dtype):
+    """A batch of images of several sizes: one lookup gives transformers' pixels, image after image,
+    cast to the tower's dtype."""
+    pixels = QwenPixels(processor_7b)
+    images = [B7_CASES[c] for c in ("round_up", "gray", "rgba", "below_min_pixels")]
+    inputs = [pixels(img) for img in images]
+    assert all(i["pixel_table"] is inputs[0]["pixel_table"] for i in inputs)
+    ref = torch.cat([processor_7b(images=[img], return_tensors="pt")["pixel_values"] for img in images])
+    ours = qwen_pixel_values(inputs, torch.device("cpu"), dtype)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, ref.to(dtype))
+
+
+def test_batch_rejects_mixed_tables(tiny_processor, processor_7b):
+    a, b = QwenPixels(tiny_processor)(noise(56, 56)), QwenPixels(processor_7b)(noise(56, 56))
+    b["pixel_table"] = b["pixel_table"] + 1
+    with pytest.raises(ValueError):
+        qwen_pixel_values([a, b], "cpu", torch.float32)
 
 
 def test_rejects_non_pil(tiny_processor):

@@ -16,7 +16,7 @@ import torch
 
 from stages.attention.vision import use_varlen_attention
 from stages.models.base import ImageSupport, VisionLanguageModel, load_image_processor
-from stages.models.image_preprocess import QwenPixels
+from stages.models.image_preprocess import QwenPixels, qwen_pixel_values
 from stages.models.llama import DecoderLM, DecoderSpec
 
 
@@ -50,9 +50,9 @@ class QwenImages(ImageSupport):
         self.merge = hf_config.vision_config.spatial_merge_size
 
     def preprocess(self, image):
-        pixel_values, grid = self.pixels(image)
-        n = grid[0] * grid[1] * grid[2] // self.merge ** 2
-        return {"pixel_values": pixel_values, "grid_thw": grid}, n
+        inputs = self.pixels(image)  # uint8 patches + their table: the encoder's device does the lookup
+        t, h, w = inputs["grid_thw"]
+        return inputs, t * h * w // self.merge ** 2
 
     def mrope_positions(self, token_ids, images):
         return mrope_positions(token_ids, images, self.merge)
@@ -86,7 +86,7 @@ class Qwen25VLLM(VisionLanguageModel):
     def encode_images(self, inputs: list[dict]) -> list[torch.Tensor]:
         self._need("vision")
         p = next(self.visual.parameters())
-        pixels = torch.cat([i["pixel_values"] for i in inputs]).to(device=p.device, dtype=p.dtype)
+        pixels = qwen_pixel_values(inputs, p.device, p.dtype)
         grid = torch.tensor([i["grid_thw"] for i in inputs], device=p.device)
         out = self.visual(pixels, grid_thw=grid)
         merged = out.pooler_output if hasattr(out, "pooler_output") else out
