@@ -59,19 +59,23 @@ def _die_with(parent: int):
 
     return setup
 
+
+class _PortTaken(RuntimeError):
+    """A process of the deployment could not bind a port picked for it."""
+
+
 class Deployment:
     """Router + workers as child processes; ``start()`` returns once ``/health`` is 200."""
 
     def __init__(self, config: dict, model: str | Path, host: str = "127.0.0.1", port: int | None = None,
                  log_dir: str | Path | None = None, transfer: str | None = None, extra_router_args=()):
         self.cfg, self.model, self.host = config, str(model), host
-        self.port = port or free_port(host)
+        self._port_given = port is not None
+        self.port = port  # picked with the bus addresses when not given
         self.log_dir = Path(log_dir) if log_dir else None
         self.transfer = transfer or (config.get("transfer") or {}).get("backend", "auto")
         self.name = config.get("served_model_name") or Path(self.model).name
-        self.worker_addr = f"tcp://{host}:{free_port(host)}"
-        self.control_addr = f"tcp://{host}:{free_port(host)}"
-        self.client_addr = f"tcp://{host}:{free_port(host)}"
+        self._pick_ports()
         self.extra_router_args = list(extra_router_args)
         self.procs: dict[str, subprocess.Popen] = {}
         self.argv: dict[str, tuple[list[str], dict | None]] = {}
@@ -140,7 +144,30 @@ class Deployment:
                  "--policy", policy, *api_args, *self.extra_router_args],
                 {"EPD_ADMIN_KEY": str(admin_key)} if admin_key else None)
 
+    def _pick_ports(self) -> None:
+        """The bus addresses (and the HTTP port unless the caller gave one): free now, by asking
+        the OS, but another process can take one before the router binds it (``start`` retries)."""
+        if not self._port_given:
+            self.port = free_port(self.host)
+        self.worker_addr = f"tcp://{self.host}:{free_port(self.host)}"
+        self.control_addr = f"tcp://{self.host}:{free_port(self.host)}"
+        self.client_addr = f"tcp://{self.host}:{free_port(self.host)}"
+
     def start(self, timeout: float = 180.0) -> str:
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except _PortTaken as e:
+                if attempt == 2:
+                    self.stop()
+                    raise RuntimeError(str(e)) from None
+                log.warning("a port picked for the deployment was taken meanwhile: starting again on others")
+                self._kill_all()
+                self._stopping = False
+                self.procs.clear()
+                self._pick_ports()
+
+    def _start(self, timeout: float) -> str:
         workers = self._workers()
         self._spawn("router", *self.router_command())
         for wid, argv in workers:
@@ -150,8 +177,11 @@ class Deployment:
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
                 if p.poll() is not None:
+                    tail = self._tail(name)
+                    if "address already in use" in tail.lower():
+                        raise _PortTaken(f"{name} exited with code {p.returncode} during start-up{tail}")
                     self.stop()
-                    raise RuntimeError(f"{name} exited with code {p.returncode} during start-up{self._tail(name)}")
+                    raise RuntimeError(f"{name} exited with code {p.returncode} during start-up{tail}")
             ok, detail = self.health()
             if ok:
                 return self.url

@@ -35,14 +35,27 @@ class Serve:
     """``epd-serve`` in a subprocess, and what a test needs from outside it."""
 
     def __init__(self, model: str, log_dir, config=ROOT / "configs" / "1e1p1d.yaml"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / "epd-serve.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.serve", "--config", str(config), "--model", model,
-             "--port", str(self.port), "--sdk-port", str(free_port())], cwd=ROOT, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_healthy(240)
+        path = log_dir / "epd-serve.log"
+        self.log = open(path, "ab")
+        for attempt in range(3):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            start = path.stat().st_size
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "router.serve", "--config", str(config), "--model", model,
+                 "--port", str(self.port), "--sdk-port", str(free_port())], cwd=ROOT, stdout=self.log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                self.wait_healthy(240)
+                return
+            except AssertionError:
+                # A port free_port() found can be taken (another process's ephemeral port) before
+                # the router binds it, seen once in CI: start again on other ports.
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    taken = b"address already in use" in f.read().lower()
+                if attempt == 2 or self.proc.poll() is None or not taken:
+                    raise
 
     def health(self) -> tuple[int, dict]:
         try:

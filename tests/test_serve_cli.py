@@ -83,3 +83,33 @@ def test_served_name_context_and_api_key_live(llava_dir, tmp_path):
             client.completions.create(model="my-llava", prompt="Hello " * 300, max_tokens=2)
     finally:
         stop_serve(proc)
+
+
+def test_a_port_taken_before_the_router_binds_it_is_picked_again(llava_dir, tmp_path, monkeypatch):
+    """free_port() answers a port that is free now; another process can take it before the
+    router binds it (seen in CI). The deployment then starts again on other ports."""
+    import socket
+
+    import router.serve as serve
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real, calls = serve.free_port, []
+
+    def first_taken(host="127.0.0.1"):  # the first bus address picked is the squatter's
+        calls.append(host)
+        return taken if len(calls) == 2 else real(host)
+
+    monkeypatch.setattr(serve, "free_port", first_taken)
+    cfg = load_config(ROOT / "configs" / "aggregated.yaml")
+    dep = Deployment(cfg, llava_dir, log_dir=tmp_path)
+    assert dep.worker_addr.endswith(f":{taken}")
+    try:
+        url = dep.start(timeout=240)
+        assert not dep.worker_addr.endswith(f":{taken}") and dep.health()[0] and url == dep.url
+        assert "address already in use" in (tmp_path / "router.log").read_text().lower()
+    finally:
+        dep.stop()
+        squatter.close()
