@@ -11,7 +11,9 @@ It runs before the worker registers and leaves no trace: its blocks leave the pr
 its images the encoder cache, its counts the counters. The fit is cached on disk under
 ``$EPD_CACHE/profiles`` (default ``~/.cache/epd``), keyed by model, device, dtype and the
 engine settings that change a step's cost, so a restart costs nothing; the router then
-corrects the model online from the step timings heartbeats carry.
+corrects the model online from the step timings heartbeats carry. A cached profile older than
+``$EPD_PROFILE_MAX_AGE_DAYS`` (default 7) is measured again: drivers, libraries and the host's
+other tenants change what a step costs, and the online correction starts from it.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ import numpy as np
 from bus.step_cost import ENCODE_FEATURES, STEP_FEATURES
 
 log = logging.getLogger("epd.profiler")
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4  # 4: decode lookahead and GEMV (and their settings in the key)
 WARMUP_STEPS = 3
 
 
 PREFILL_REPS = 3  # each prefill size is timed this many times; the fastest counts (see _fastest)
+
+
+def max_age_s() -> float:
+    return float(os.environ.get("EPD_PROFILE_MAX_AGE_DAYS", "7")) * 86400
 
 
 def cache_dir() -> Path:
@@ -81,7 +87,7 @@ def _key(engine, role_kinds: tuple[str, ...]) -> str:
         device = f"cpu-{torch.get_num_threads()}threads"
     parts = [PROFILE_VERSION, _model_fingerprint(Path(cfg.model)), device, str(engine.dtype), cfg.block_size,
              cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.attention_backend, os.environ.get("EPD_ATTENTION", ""),
-             role_kinds]
+             role_kinds, cfg.cuda_graphs, engine.lookahead is not None, cfg.decode_gemv]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
@@ -184,7 +190,7 @@ def profile(engine, role: str, use_cache: bool = True) -> dict:
                   if role in roles and (k != "encode" or (engine.inputs.images is not None and has_vision)))
     path = cache_dir() / f"{_key(engine, kinds)}.json"
     model: dict | None = None
-    if use_cache and path.exists():
+    if use_cache and path.exists() and time.time() - path.stat().st_mtime < max_age_s():
         try:
             model = json.loads(path.read_text())
             model["source"] = "cache"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -41,3 +43,9 @@ def test_profile_is_cached_and_leaves_no_trace(llava_dir, tmp_path, monkeypatch)
     assert again["source"] == "cache" and again["step"] == step
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
     assert profile(eng, "decode")["source"] == "profiled" and "encode" not in profile(eng, "decode")
+    # A profile older than EPD_PROFILE_MAX_AGE_DAYS is measured again (and cached anew).
+    old = min(p.stat().st_mtime for p in (tmp_path / "profiles").glob("*.json")) - 8 * 86400
+    for cached in (tmp_path / "profiles").glob("*.json"):
+        os.utime(cached, (old, old))
+    assert profile(eng, "prefill")["source"] == "profiled"
+    assert profile(eng, "prefill")["source"] == "cache"
