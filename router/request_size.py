@@ -24,10 +24,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.engine.image_geometry import qwen_resize
 from stages.engine.prompt_ids import chat_text_ids, completion_ids
 
 log = logging.getLogger("epd.router")
@@ -57,21 +57,6 @@ def image_size(data: bytes) -> tuple[int, int]:
 
     with Image.open(io.BytesIO(data)) as img:
         return img.size
-
-
-def qwen_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Height and width rounded to multiples of ``factor`` with their product in [min, max] pixels."""
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 class ImageTokens:

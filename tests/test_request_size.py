@@ -35,6 +35,12 @@ def test_counts_match_the_processor(tiny_models, test_images, family):
             msgs = [{"role": "user", "content": [{"type": "image"} for _ in chosen] + [{"type": "text", "text": text}]}]
             want = hf_chat_inputs(model, msgs, chosen)["input_ids"].shape[1]
             assert sizer.count(_req(messages=msgs, images=chosen)).prompt_tokens == want, (family, k, text)
+    # Thin images: a side under half a patch rounds to 0 first in transformers' rule, then scales up.
+    for h, w in ((10, 300), (6, 900), (300, 12)):
+        thin = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))]
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A strip"}]}]
+        want = hf_chat_inputs(model, msgs, thin)["input_ids"].shape[1]
+        assert sizer.count(_req(messages=msgs, images=thin)).prompt_tokens == want, (family, h, w)
     want = hf_completion_inputs(model, "Once upon a time")["input_ids"].shape[1]
     assert sizer.count(_req(prompt="Once upon a time")).prompt_tokens == want
     assert sizer.count(_req(ids=[5, 6, 7])).prompt_tokens == 3
@@ -48,7 +54,8 @@ def test_qwen_resize_bounds():
 
 
 # The one module of ``stages`` the router may load (the workers' prompt rule), with its packages.
-ROUTER_STAGES_MODULES = {"stages", "stages.engine", "stages.engine.prompt_ids", "stages.engine.config",
+ROUTER_STAGES_MODULES = {"stages", "stages.engine", "stages.engine.prompt_ids", "stages.engine.image_geometry",
+                         "stages.engine.config",
                          "stages.engine.outputs", "stages.engine.sampling_params"}
 
 

@@ -11,29 +11,12 @@ the uint8 pixels in patch order (one byte per value); the encoder maps every val
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """transformers' Qwen2-VL target size: multiples of ``factor``, area within [min, max] pixels."""
-    ratio = max(height, width) / min(height, width)
-    if ratio > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+from stages.engine.image_geometry import qwen_resize
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -90,7 +73,7 @@ class QwenPixels:
             raise TypeError(f"expected a PIL image, got {type(image).__name__}")
         image = to_rgb(image)
         if self.do_resize:
-            h, w = smart_resize(image.height, image.width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+            h, w = qwen_resize(image.height, image.width, self.patch * self.merge, self.min_pixels, self.max_pixels)
             if (w, h) != image.size:  # PIL's resize to the same size is a copy
                 image = image.resize((w, h), resample=self.resample)
         pixels = np.asarray(image)  # [H, W, C] uint8
